@@ -14,15 +14,16 @@ from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
+import email_validator
 from pydantic import (
     AfterValidator,
     AwareDatetime,
     BaseModel,
     ConfigDict,
-    EmailStr,
     Field,
     JsonValue,
     StringConstraints,
+    WithJsonSchema,
     field_validator,
     model_validator,
 )
@@ -82,10 +83,29 @@ def _clean_text(value: str) -> str:
     return _no_control_chars(value, allow_newlines=True)
 
 
+def _check_email(value: str) -> str:
+    # email-validator checks the syntax, as pydantic's EmailStr does, but reserved
+    # names (example.invalid, *.test, *.local) are accepted: the relay never mails this
+    # address, demos and tests must use reserved names, and an artist's opt-out must
+    # not bounce over an optional field nobody sends mail to.
+    try:
+        email_validator.validate_email(value, check_deliverability=False)
+    except email_validator.EmailNotValidError as exc:
+        if "special-use or reserved name" not in str(exc):
+            raise ValueError(f"is not a valid email address: {exc}") from None
+    return value
+
+
 Identifier = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._:-]{1,128}$")]
 """An id chosen by a publisher or an operator: 1-128 of ``[A-Za-z0-9._:-]``."""
 
 Line = Annotated[str, StringConstraints(min_length=1, max_length=200), AfterValidator(_clean_line)]
+Email = Annotated[
+    str,
+    StringConstraints(min_length=3, max_length=254),
+    AfterValidator(_check_email),
+    WithJsonSchema({"type": "string", "format": "email"}),
+]
 HttpUrl = Annotated[str, StringConstraints(min_length=1, max_length=2048), AfterValidator(check_http_url)]
 Sha256Hex = Annotated[str, StringConstraints(pattern=r"^[0-9a-fA-F]{64}$")]
 
@@ -110,7 +130,7 @@ class Artist(_Strict):
     display_name: Line
     aliases: list[Line] = Field(default_factory=list, max_length=MAX_ALIASES)
     profiles: list[HttpUrl] = Field(default_factory=list, max_length=MAX_PROFILES)
-    contact_email: EmailStr | None = Field(
+    contact_email: Email | None = Field(
         default=None,
         description="PII: never sent to developers, never logged.",
     )
@@ -302,6 +322,9 @@ class Outcome(_Strict):
     error: str | None = None
     retry_after: float | None = Field(default=None, description="Seconds the receiver asked to wait.")
     receipt: str | None = None
+    disable_channel: bool = Field(
+        default=False, description="The receiver said the endpoint is gone (HTTP 410)."
+    )
 
     @classmethod
     def delivered(cls, task: DeliveryTask, *, receipt: str | None = None, **kw: Any) -> Outcome:

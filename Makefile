@@ -1,0 +1,39 @@
+# notice-relay — the commands a developer (and CI) runs.
+#   make demo   set everything up, run the relay end to end on the embedded defaults
+#   make test   set everything up, run the whole test suite
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+
+.PHONY: setup demo test check kafka-start kafka-stop clean
+
+$(BIN)/python:
+	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11+ is required"'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e '.[test,api,postgres,dev]'
+	touch $@
+
+setup: $(VENV)/.installed
+	$(BIN)/python scripts/localkafka.py install
+
+demo: setup
+	$(BIN)/python scripts/demo.py
+
+test: setup
+	$(BIN)/python -m pytest
+
+check: setup
+	$(BIN)/ruff check src tests scripts
+	$(BIN)/mypy
+
+kafka-start: setup
+	$(BIN)/python scripts/localkafka.py start
+
+kafka-stop:
+	$(BIN)/python scripts/localkafka.py stop
+
+clean:
+	rm -rf var .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,150 @@
+"""How audit events move the current-state tables (declarations, deliveries).
+
+The rules for which state may follow which are pure (:func:`next_state`); this module
+applies them inside the store's transaction.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import sqlalchemy as sa
+
+from notice_relay.models import AuditEvent, AuditType, DeliveryState
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncConnection
+
+    from notice_relay.audit.store import AuditStore
+
+_EVENT_STATE: dict[AuditType, DeliveryState] = {
+    AuditType.DELIVERY_PLANNED: DeliveryState.PLANNED,
+    AuditType.DELIVERY_SKIPPED: DeliveryState.SKIPPED,
+    AuditType.DELIVERY_ATTEMPTED: DeliveryState.SENDING,
+    AuditType.DELIVERY_RETRY_SCHEDULED: DeliveryState.RETRY_SCHEDULED,
+    AuditType.DELIVERY_DELIVERED: DeliveryState.DELIVERED,
+    AuditType.DELIVERY_FAILED: DeliveryState.FAILED,
+    AuditType.DELIVERY_ACKNOWLEDGED: DeliveryState.ACKNOWLEDGED,
+    AuditType.DELIVERY_OVERDUE: DeliveryState.OVERDUE,
+    AuditType.DELIVERY_SUPERSEDED: DeliveryState.SUPERSEDED,
+    AuditType.DELIVERY_REPLAY_REQUESTED: DeliveryState.PLANNED,
+}
+
+# States that a late or repeated event must not move a delivery out of. At-least-once
+# delivery means a notice can be sent again after it was delivered (a crash before the
+# commit); the delivery stays delivered.
+_SETTLED = {DeliveryState.DELIVERED, DeliveryState.ACKNOWLEDGED, DeliveryState.OVERDUE}
+_AFTER_SETTLED = {DeliveryState.ACKNOWLEDGED, DeliveryState.OVERDUE, DeliveryState.DELIVERED}
+
+
+def next_state(current: DeliveryState | None, event: AuditType) -> DeliveryState | None:
+    """The state a delivery moves to on ``event``; None when it does not move."""
+    target = _EVENT_STATE.get(event)
+    if target is None:
+        return None
+    if current is None:
+        return target
+    if current in _SETTLED:
+        if target is DeliveryState.ACKNOWLEDGED:
+            return target
+        if target is DeliveryState.OVERDUE and current is DeliveryState.DELIVERED:
+            return target
+        if target is DeliveryState.DELIVERED and current in _AFTER_SETTLED:
+            return None
+        return None
+    if current is DeliveryState.SUPERSEDED and target is not DeliveryState.PLANNED:
+        return None
+    if current is DeliveryState.FAILED and target not in (DeliveryState.PLANNED,):
+        return None
+    return target
+
+
+_DECLARATION_STATUS: dict[AuditType, str] = {
+    AuditType.DECLARATION_RECEIVED: "received",
+    AuditType.DECLARATION_REJECTED: "rejected",
+    AuditType.DECLARATION_NORMALIZED: "relayed",
+}
+
+
+async def apply_event(conn: AsyncConnection, store: AuditStore, e: AuditEvent) -> None:
+    """Update the current-state tables for one newly stored event."""
+    from notice_relay.audit.store import declarations, deliveries
+
+    d = e.data
+    status = _DECLARATION_STATUS.get(e.type)
+    if status is not None:
+        publisher_id, _, declaration_id = e.declaration_key.partition("/")
+        values: dict[str, Any] = {
+            "declaration_key": e.declaration_key,
+            "publisher_id": publisher_id or None,
+            "declaration_id": declaration_id or None,
+            "status": status,
+            "received_at": e.occurred_at,
+            "updated_at": e.occurred_at,
+        }
+        for col in ("action", "artist_ref", "fingerprint", "reason"):
+            if isinstance(d.get(col), str):
+                values[col] = d[col]
+        ins = store._insert(declarations)
+        update = {k: v for k, v in values.items() if k not in ("declaration_key", "received_at")}
+        if e.type is AuditType.DECLARATION_REJECTED:
+            # A broken resubmission of an id already relayed does not undo the relay.
+            update.pop("status")
+            update["status"] = sa.case(
+                (declarations.c.status == "relayed", declarations.c.status), else_="rejected"
+            )
+        await conn.execute(
+            ins.on_conflict_do_update(index_elements=[declarations.c.declaration_key], set_=update),
+            [values],
+        )
+        return
+
+    if e.delivery_id is None or e.type not in _EVENT_STATE:
+        return
+    row = (
+        await conn.execute(
+            sa.select(deliveries.c.state).where(deliveries.c.delivery_id == e.delivery_id)
+        )
+    ).first()
+    current = DeliveryState(row.state) if row is not None else None
+    target = next_state(current, e.type)
+    if row is None:
+        if e.type not in (AuditType.DELIVERY_PLANNED, AuditType.DELIVERY_SKIPPED):
+            return  # an event for a delivery whose planning is not in this store
+        await conn.execute(
+            deliveries.insert(),
+            [{
+                "delivery_id": e.delivery_id,
+                "declaration_key": e.declaration_key,
+                "developer_id": e.developer_id or "",
+                "channel": str(d.get("channel", "")),
+                "channel_type": str(d.get("channel_type", "")),
+                "state": (target or DeliveryState.PLANNED).value,
+                "attempts": 0,
+                "last_error": d.get("reason") if isinstance(d.get("reason"), str) else None,
+                "planned_at": e.occurred_at,
+                "updated_at": e.occurred_at,
+            }],
+        )
+        return
+    values = {"updated_at": e.occurred_at}
+    if target is not None:
+        values["state"] = target.value
+    if isinstance(d.get("attempt"), int) and e.type is AuditType.DELIVERY_ATTEMPTED:
+        values["attempts"] = d["attempt"]
+    if "status_code" in d and isinstance(d["status_code"], int | None):
+        values["last_status_code"] = d["status_code"]
+    if isinstance(d.get("error"), str):
+        values["last_error"] = d["error"]
+    if e.type is AuditType.DELIVERY_DELIVERED and target is not None:
+        values["delivered_at"] = e.occurred_at
+        values["last_error"] = None
+        if isinstance(d.get("receipt"), str):
+            values["receipt"] = d["receipt"]
+    if e.type is AuditType.DELIVERY_RETRY_SCHEDULED and isinstance(d.get("next_attempt_at"), str):
+        from datetime import datetime
+
+        values["next_attempt_at"] = datetime.fromisoformat(str(d["next_attempt_at"]))
+    await conn.execute(
+        deliveries.update().where(deliveries.c.delivery_id == e.delivery_id).values(**values)
+    )

@@ -1,0 +1,442 @@
+"""The audit store: the audit topic projected into SQL, with a hash chain.
+
+SQLAlchemy Core over asyncio, SQLite by default and PostgreSQL by URL. The audit
+topic is the source of truth; this store is a projection of it that can be rebuilt.
+
+Each declaration's events get a sequence number (1, 2, …) in the order the projector
+reads them from the declaration's partition, and a hash:
+``hash = SHA-256(prev_hash ‖ "\\n" ‖ canonical_json(event, seq))``, the first
+``prev_hash`` being 64 zeros. Storing the head of every chain beside the rows makes a
+removed last row detectable too.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+from notice_relay.audit.chain import GENESIS, event_hash
+from notice_relay.audit.projection import apply_event
+from notice_relay.errors import StoreError
+from notice_relay.models import AuditEvent
+
+metadata = sa.MetaData()
+
+events = sa.Table(
+    "audit_events",
+    metadata,
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True,
+              autoincrement=True),
+    sa.Column("event_id", sa.String(80), nullable=False, unique=True),
+    sa.Column("declaration_key", sa.String(300), nullable=False),
+    sa.Column("seq", sa.Integer, nullable=False),
+    sa.Column("type", sa.String(64), nullable=False),
+    sa.Column("occurred_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("actor_kind", sa.String(16), nullable=False),
+    sa.Column("actor_id", sa.String(200), nullable=False),
+    sa.Column("delivery_id", sa.String(80)),
+    sa.Column("developer_id", sa.String(200)),
+    sa.Column("data", sa.Text, nullable=False),
+    sa.Column("prev_hash", sa.String(64), nullable=False),
+    sa.Column("hash", sa.String(64), nullable=False),
+    sa.UniqueConstraint("declaration_key", "seq", name="uq_audit_events_declaration_seq"),
+    sa.Index("ix_audit_events_delivery", "delivery_id"),
+)
+
+chain_heads = sa.Table(
+    "audit_chain_heads",
+    metadata,
+    sa.Column("declaration_key", sa.String(300), primary_key=True),
+    sa.Column("seq", sa.Integer, nullable=False),
+    sa.Column("hash", sa.String(64), nullable=False),
+)
+
+declarations = sa.Table(
+    "declarations",
+    metadata,
+    sa.Column("declaration_key", sa.String(300), primary_key=True),
+    sa.Column("publisher_id", sa.String(200)),
+    sa.Column("declaration_id", sa.String(200)),
+    sa.Column("status", sa.String(32), nullable=False),
+    sa.Column("action", sa.String(16)),
+    sa.Column("artist_ref", sa.String(80)),
+    sa.Column("fingerprint", sa.String(64)),
+    sa.Column("reason", sa.Text),
+    sa.Column("received_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Index("ix_declarations_declaration_id", "declaration_id"),
+)
+
+deliveries = sa.Table(
+    "deliveries",
+    metadata,
+    sa.Column("delivery_id", sa.String(80), primary_key=True),
+    sa.Column("declaration_key", sa.String(300), nullable=False),
+    sa.Column("developer_id", sa.String(200), nullable=False),
+    sa.Column("channel", sa.String(200), nullable=False),
+    sa.Column("channel_type", sa.String(16), nullable=False),
+    sa.Column("state", sa.String(24), nullable=False),
+    sa.Column("attempts", sa.Integer, nullable=False, default=0),
+    sa.Column("last_status_code", sa.Integer),
+    sa.Column("last_error", sa.Text),
+    sa.Column("receipt", sa.Text),
+    sa.Column("next_attempt_at", sa.DateTime(timezone=True)),
+    sa.Column("planned_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("delivered_at", sa.DateTime(timezone=True)),
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Index("ix_deliveries_declaration", "declaration_key"),
+    sa.Index("ix_deliveries_developer_state_updated", "developer_id", "state", "updated_at"),
+    sa.Index("ix_deliveries_state_updated", "state", "updated_at"),
+)
+
+
+@dataclass(frozen=True)
+class StoredEvent:
+    """An audit event as stored, with its place in the chain."""
+
+    event: AuditEvent
+    seq: int
+    prev_hash: str
+    hash: str
+
+
+@dataclass(frozen=True)
+class DeliveryRow:
+    """The current state of one delivery."""
+
+    delivery_id: str
+    declaration_key: str
+    developer_id: str
+    channel: str
+    channel_type: str
+    state: str
+    attempts: int
+    last_status_code: int | None
+    last_error: str | None
+    receipt: str | None
+    next_attempt_at: datetime | None
+    planned_at: datetime
+    delivered_at: datetime | None
+    updated_at: datetime
+
+
+@dataclass(frozen=True)
+class DeclarationRow:
+    """What the store knows of one declaration."""
+
+    declaration_key: str
+    publisher_id: str | None
+    declaration_id: str | None
+    status: str
+    action: str | None
+    artist_ref: str | None
+    fingerprint: str | None
+    reason: str | None
+    received_at: datetime
+    updated_at: datetime
+
+
+@dataclass(frozen=True)
+class ChainProblem:
+    """One place where a declaration's stored trail does not verify."""
+
+    declaration_key: str
+    seq: int
+    problem: str
+
+
+def _aware(value: datetime | None) -> datetime | None:
+    # SQLite hands back naive datetimes; everything stored is UTC.
+    if value is not None and value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value
+
+
+def _row_to_event(row: Any) -> StoredEvent:
+    event = AuditEvent.model_validate(
+        {
+            "event_id": row.event_id,
+            "declaration_key": row.declaration_key,
+            "type": row.type,
+            "occurred_at": _aware(row.occurred_at),
+            "actor": {"kind": row.actor_kind, "id": row.actor_id},
+            "delivery_id": row.delivery_id,
+            "developer_id": row.developer_id,
+            "data": json.loads(row.data),
+        },
+        strict=False,
+    )
+    return StoredEvent(event=event, seq=row.seq, prev_hash=row.prev_hash, hash=row.hash)
+
+
+class AuditStore:
+    """The audit store. Create with :meth:`open`, close with :meth:`close`."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+        self.dialect = engine.dialect.name
+
+    @classmethod
+    async def open(cls, url: str, *, create: bool = True) -> AuditStore:
+        """Connect to the store at ``url`` and create its tables if missing."""
+        parsed = make_url(url)
+        kwargs: dict[str, Any] = {}
+        if parsed.get_backend_name() == "sqlite":
+            db = parsed.database
+            if db and db != ":memory:":
+                Path(db).parent.mkdir(parents=True, exist_ok=True)
+            kwargs["connect_args"] = {"timeout": 30}
+        else:
+            kwargs["pool_pre_ping"] = True
+        engine = create_async_engine(url, **kwargs)
+        if parsed.get_backend_name() == "sqlite":
+
+            @sa.event.listens_for(engine.sync_engine, "connect")
+            def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+                # WAL lets the CLI read while a worker writes; a busy timeout rides
+                # out the short write locks of the projector.
+                cur = dbapi_conn.cursor()
+                cur.execute("PRAGMA journal_mode=WAL")
+                cur.execute("PRAGMA busy_timeout=30000")
+                cur.execute("PRAGMA synchronous=NORMAL")
+                cur.close()
+
+        store = cls(engine)
+        if create:
+            try:
+                async with engine.begin() as conn:
+                    await conn.run_sync(metadata.create_all)
+            except sa.exc.SQLAlchemyError as exc:
+                await engine.dispose()
+                raise StoreError(f"cannot open the audit store: {exc}") from exc
+        return store
+
+    async def close(self) -> None:
+        """Release the connections."""
+        await self.engine.dispose()
+
+    def _insert(self, table: sa.Table) -> Any:
+        if self.dialect == "postgresql":
+            return postgresql.insert(table)
+        return sqlite.insert(table)
+
+    # ------------------------------------------------------------------ writing
+
+    async def append(self, batch: Sequence[AuditEvent]) -> int:
+        """Store the events not stored yet, in order; return how many were new.
+
+        Idempotent: an event whose ``event_id`` is already stored is skipped, so
+        the projector may see the same event twice (at-least-once) safely.
+        """
+        if not batch:
+            return 0
+        try:
+            async with self.engine.begin() as conn:
+                return await self._append(conn, batch)
+        except sa.exc.SQLAlchemyError as exc:
+            raise StoreError(f"cannot append to the audit store: {exc}") from exc
+
+    async def _append(self, conn: AsyncConnection, batch: Sequence[AuditEvent]) -> int:
+        ids = list(dict.fromkeys(e.event_id for e in batch))
+        known: set[str] = set()
+        for chunk in _chunks(ids, 500):
+            rows = await conn.execute(sa.select(events.c.event_id).where(events.c.event_id.in_(chunk)))
+            known.update(r[0] for r in rows)
+        fresh: list[AuditEvent] = []
+        for e in batch:
+            if e.event_id not in known:
+                known.add(e.event_id)
+                fresh.append(e)
+        if not fresh:
+            return 0
+        keys = list(dict.fromkeys(e.declaration_key for e in fresh))
+        heads: dict[str, tuple[int, str]] = {}
+        for chunk in _chunks(keys, 500):
+            rows = await conn.execute(
+                sa.select(chain_heads.c.declaration_key, chain_heads.c.seq, chain_heads.c.hash)
+                .where(chain_heads.c.declaration_key.in_(chunk))
+            )
+            heads.update({r.declaration_key: (r.seq, r.hash) for r in rows})
+        rows_out: list[dict[str, Any]] = []
+        for e in fresh:
+            seq, prev = heads.get(e.declaration_key, (0, GENESIS))
+            seq += 1
+            h = event_hash(prev, e, seq)
+            heads[e.declaration_key] = (seq, h)
+            rows_out.append(
+                {
+                    "event_id": e.event_id,
+                    "declaration_key": e.declaration_key,
+                    "seq": seq,
+                    "type": e.type.value,
+                    "occurred_at": e.occurred_at,
+                    "actor_kind": e.actor.kind.value,
+                    "actor_id": e.actor.id,
+                    "delivery_id": e.delivery_id,
+                    "developer_id": e.developer_id,
+                    "data": json.dumps(e.data, sort_keys=True, separators=(",", ":")),
+                    "prev_hash": prev,
+                    "hash": h,
+                }
+            )
+        await conn.execute(events.insert(), rows_out)
+        touched = {e.declaration_key for e in fresh}
+        head_rows = [{"declaration_key": k, "seq": heads[k][0], "hash": heads[k][1]} for k in touched]
+        ins = self._insert(chain_heads)
+        await conn.execute(
+            ins.on_conflict_do_update(
+                index_elements=[chain_heads.c.declaration_key],
+                set_={"seq": ins.excluded.seq, "hash": ins.excluded.hash},
+            ),
+            head_rows,
+        )
+        for e in fresh:
+            await apply_event(conn, self, e)
+        return len(fresh)
+
+    # ------------------------------------------------------------------ reading
+
+    async def find_declarations(self, declaration_id: str) -> list[DeclarationRow]:
+        """Declarations whose id (or full ``publisher/id`` key) is ``declaration_id``."""
+        q = sa.select(declarations).where(
+            sa.or_(
+                declarations.c.declaration_id == declaration_id,
+                declarations.c.declaration_key == declaration_id,
+            )
+        ).order_by(declarations.c.declaration_key)
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(q)).all()
+        return [
+            DeclarationRow(**{**r._mapping, "received_at": _aware(r.received_at),
+                              "updated_at": _aware(r.updated_at)})
+            for r in rows
+        ]
+
+    async def deliveries_of(self, declaration_key: str) -> list[DeliveryRow]:
+        """Every delivery of one declaration."""
+        q = (
+            sa.select(deliveries)
+            .where(deliveries.c.declaration_key == declaration_key)
+            .order_by(deliveries.c.developer_id, deliveries.c.channel, deliveries.c.delivery_id)
+        )
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(q)).all()
+        return [_delivery_row(r) for r in rows]
+
+    async def trail(self, declaration_key: str) -> list[StoredEvent]:
+        """The trail of one declaration, in sequence order."""
+        q = sa.select(events).where(events.c.declaration_key == declaration_key).order_by(events.c.seq)
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(q)).all()
+        return [_row_to_event(r) for r in rows]
+
+    async def count_deliveries(self, *, state: str | None = None) -> int:
+        """How many deliveries there are (in ``state``)."""
+        q = sa.select(sa.func.count()).select_from(deliveries)
+        if state is not None:
+            q = q.where(deliveries.c.state == state)
+        async with self.engine.connect() as conn:
+            return int((await conn.execute(q)).scalar_one())
+
+    async def all_deliveries(self) -> list[DeliveryRow]:
+        """Every delivery (tests and small exports)."""
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(sa.select(deliveries).order_by(deliveries.c.delivery_id))).all()
+        return [_delivery_row(r) for r in rows]
+
+    async def all_declarations(self) -> list[DeclarationRow]:
+        """Every declaration (tests and small exports)."""
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(sa.select(declarations))).all()
+        return [
+            DeclarationRow(**{**r._mapping, "received_at": _aware(r.received_at),
+                              "updated_at": _aware(r.updated_at)})
+            for r in rows
+        ]
+
+    # ---------------------------------------------------------------- verifying
+
+    async def verify(self) -> list[ChainProblem]:
+        """Recompute every chain; return each place where the stored trail was
+        altered, removed or reordered (empty when the store verifies)."""
+        problems: list[ChainProblem] = []
+        async with self.engine.connect() as conn:
+            heads = {
+                r.declaration_key: (r.seq, r.hash)
+                for r in await conn.execute(sa.select(chain_heads))
+            }
+            result = await conn.stream(
+                sa.select(events).order_by(events.c.declaration_key, events.c.seq)
+            )
+            current: str | None = None
+            expected_seq, prev = 1, GENESIS
+            seen_keys: set[str] = set()
+
+            def close_chain(key: str, last_seq: int, last_hash: str) -> None:
+                head = heads.get(key)
+                if head is None:
+                    problems.append(ChainProblem(key, last_seq, "chain head missing"))
+                elif head != (last_seq, last_hash):
+                    problems.append(ChainProblem(
+                        key, head[0],
+                        f"chain ends at seq {last_seq} but its head says seq {head[0]}"
+                        if head[0] != last_seq else "last event does not match the chain head",
+                    ))
+
+            async for row in result:
+                stored = _row_to_event(row)
+                key = stored.event.declaration_key
+                if key != current:
+                    if current is not None:
+                        close_chain(current, expected_seq - 1, prev)
+                    current, expected_seq, prev = key, 1, GENESIS
+                    seen_keys.add(key)
+                if stored.seq != expected_seq:
+                    problems.append(ChainProblem(
+                        key, expected_seq,
+                        f"event seq {expected_seq} is missing (next stored is {stored.seq})",
+                    ))
+                if stored.prev_hash != prev:
+                    problems.append(ChainProblem(key, stored.seq, "previous hash does not match"))
+                recomputed = event_hash(stored.prev_hash, stored.event, stored.seq)
+                if recomputed != stored.hash:
+                    problems.append(ChainProblem(key, stored.seq, "event content was altered"))
+                expected_seq, prev = stored.seq + 1, stored.hash
+            if current is not None:
+                close_chain(current, expected_seq - 1, prev)
+            for key, (seq, _h) in heads.items():
+                if key not in seen_keys:
+                    problems.append(ChainProblem(key, seq, "every event of this declaration was removed"))
+        return problems
+
+    async def chain_heads(self) -> dict[str, tuple[int, str]]:
+        """The head (seq, hash) of every declaration's chain."""
+        async with self.engine.connect() as conn:
+            return {r.declaration_key: (r.seq, r.hash) for r in await conn.execute(sa.select(chain_heads))}
+
+    async def truncate(self) -> None:
+        """Remove every row (before a rebuild from the audit topic)."""
+        async with self.engine.begin() as conn:
+            for table in (events, chain_heads, declarations, deliveries):
+                await conn.execute(table.delete())
+
+
+def _delivery_row(r: Any) -> DeliveryRow:
+    m = dict(r._mapping)
+    for k in ("next_attempt_at", "planned_at", "delivered_at", "updated_at"):
+        m[k] = _aware(m[k])
+    return DeliveryRow(**m)
+
+
+def _chunks(items: list[str], size: int) -> Iterable[list[str]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]

@@ -1,0 +1,56 @@
+"""Outbound channels: how notices reach developers.
+
+:class:`Channel` is the one interface; :class:`WebhookChannel` the first real
+implementation; :class:`MockChannel` the in-package double for unit tests of logic.
+:func:`build_channel` builds the right channel for a connector's channel config.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from notice_relay.channels.base import (
+    Channel,
+    StatusVerdict,
+    classify_status,
+    parse_retry_after,
+)
+from notice_relay.channels.mock import MockChannel
+from notice_relay.channels.webhook import WebhookChannel
+from notice_relay.connectors import (
+    ChannelConfig,
+    Developer,
+    WebhookChannelConfig,
+    resolve_secret,
+)
+from notice_relay.errors import ConfigError
+
+__all__ = [
+    "Channel",
+    "MockChannel",
+    "StatusVerdict",
+    "WebhookChannel",
+    "build_channel",
+    "classify_status",
+    "parse_retry_after",
+]
+
+
+def build_channel(
+    developer: Developer,
+    config: ChannelConfig,
+    *,
+    environ: Mapping[str, str] | None = None,
+) -> Channel:
+    """A ready channel for ``config``, its secret read from the environment or a file.
+
+    Raises :class:`~notice_relay.errors.ConfigError` when the secret is missing or bad,
+    or when the channel type has no sender yet (email and registry come later).
+    """
+    if isinstance(config, WebhookChannelConfig):
+        secrets = resolve_secret(config, developer.id, environ=environ)
+        return WebhookChannel(developer, config, secrets)
+    raise ConfigError(
+        f"developer {developer.id!r}, channel {config.name!r}: "
+        f"{config.type} channels have no sender yet"
+    )

@@ -1,0 +1,271 @@
+"""The webhook channel: Notice v1 JSON POSTed with Standard Webhooks signatures.
+
+Each attempt sends the notice's exact JSON bytes, signed afresh (a new
+``webhook-timestamp``) under the stable ``webhook-id`` = ``delivery_id``, so receivers
+deduplicate retries and replays. Redirects are not followed. Every exception an
+attempt can raise is turned into an outcome by :func:`translate_error`, the one place
+where httpx errors are interpreted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncGenerator, Sequence
+from datetime import UTC, datetime
+from types import TracebackType
+from typing import Final, Self
+
+import httpx
+import structlog
+
+from notice_relay.channels.base import (
+    RateLimiter,
+    classify_status,
+    outcome_from_error,
+    outcome_from_status,
+    sanitize_text,
+    user_agent,
+)
+from notice_relay.connectors import Developer, WebhookChannelConfig
+from notice_relay.errors import (
+    ChannelError,
+    ConfigError,
+    PermanentChannelError,
+    TransientChannelError,
+)
+from notice_relay.models import DeliveryTask, Outcome, OutcomeKind
+from notice_relay.signing import decode_secret, webhook_headers
+
+__all__ = ["WebhookChannel", "translate_error"]
+
+log = structlog.get_logger(__name__)
+
+#: How much of a response body is read: enough for a receipt or an error message,
+#: bounded so that a misbehaving receiver cannot make the worker buffer gigabytes.
+MAX_RESPONSE_BYTES: Final = 64 * 1024
+#: How much of an error body goes into the outcome's error text.
+MAX_ERROR_DETAIL: Final = 200
+#: Idle pooled connections are dropped after this many seconds; receivers commonly
+#: close idle keep-alive connections after 60 s or more, so reuse stays safe.
+KEEPALIVE_EXPIRY: Final = 30.0
+
+_TIMEOUT_PHASES: Final[dict[type[httpx.TimeoutException], str]] = {
+    httpx.ConnectTimeout: "connecting",
+    httpx.WriteTimeout: "sending the notice",
+    httpx.ReadTimeout: "waiting for the response",
+    httpx.PoolTimeout: "waiting for a free connection",
+}
+
+
+def _describe(exc: BaseException) -> str:
+    return sanitize_text(str(exc) or type(exc).__name__, 300)
+
+
+def translate_error(exc: Exception, timeout: float) -> ChannelError:
+    """Turn any exception of an attempt into a :class:`~notice_relay.errors.ChannelError`
+    whose class says whether to retry.
+
+    Timeouts and connection failures are transient (the receiver may be back later);
+    errors in what we would send (unsupported scheme, invalid URL) are permanent.
+    Anything unexpected is logged and treated as transient, so a bug costs a few
+    bounded retries instead of stopping the deliveries of every other developer.
+    """
+    if isinstance(exc, ChannelError):
+        return exc
+    if isinstance(exc, TimeoutError | httpx.TimeoutException):
+        phase = _TIMEOUT_PHASES.get(type(exc)) if isinstance(exc, httpx.TimeoutException) else None
+        return TransientChannelError(
+            f"timed out after {timeout:g}s" + (f" while {phase}" if phase else "")
+        )
+    if isinstance(exc, httpx.UnsupportedProtocol | httpx.InvalidURL | httpx.LocalProtocolError):
+        return PermanentChannelError(f"cannot send the request: {_describe(exc)}")
+    if isinstance(exc, httpx.ConnectError):
+        return TransientChannelError(f"connection failed: {_describe(exc)}")
+    if isinstance(exc, httpx.TransportError):
+        # ReadError, WriteError, RemoteProtocolError (e.g. a reset connection), ProxyError.
+        return TransientChannelError(f"connection lost: {_describe(exc)}")
+    if isinstance(exc, httpx.HTTPError | httpx.StreamError):
+        return TransientChannelError(f"HTTP error: {_describe(exc)}")
+    log.error("webhook.unexpected_error", exc_info=exc)
+    return TransientChannelError(f"internal error: {type(exc).__name__}: {_describe(exc)}")
+
+
+def _make_client(config: WebhookChannelConfig) -> httpx.AsyncClient:
+    return httpx.AsyncClient(
+        follow_redirects=False,
+        timeout=httpx.Timeout(config.timeout.total_seconds()),
+        # The pool matches the in-flight bound: every concurrent attempt has a
+        # connection, and idle ones are kept for the next batch.
+        limits=httpx.Limits(
+            max_connections=config.max_in_flight,
+            max_keepalive_connections=config.max_in_flight,
+            keepalive_expiry=KEEPALIVE_EXPIRY,
+        ),
+        # No proxies or .netrc credentials from the environment: a signed notice goes
+        # straight to the configured URL, and no local credential is ever sent with it.
+        trust_env=False,
+        headers={"user-agent": user_agent()},
+    )
+
+
+def _receipt(body: bytes) -> str | None:
+    try:
+        document = json.loads(body)
+    except (ValueError, RecursionError):
+        return None
+    if isinstance(document, dict) and isinstance(document.get("receipt"), str):
+        return sanitize_text(document["receipt"]) or None
+    return None
+
+
+async def _read_capped(response: httpx.Response, limit: int = MAX_RESPONSE_BYTES) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    stream = response.aiter_bytes()
+    try:
+        async for chunk in stream:
+            chunks.append(chunk)
+            size += len(chunk)
+            if size >= limit:
+                break
+    finally:
+        # Stopping early leaves the generator suspended; close it now rather than
+        # leave it to the garbage collector and the event loop's finalizer.
+        if isinstance(stream, AsyncGenerator):
+            await stream.aclose()
+    return b"".join(chunks)[:limit]
+
+
+class WebhookChannel:
+    """Delivers notices to one developer's webhook.
+
+    Tasks of a batch are sent concurrently, at most ``config.max_in_flight`` at once
+    (and at most ``config.rate_limit`` starts per second when set). The channel owns
+    its :class:`httpx.AsyncClient` unless one is passed in; close it with
+    :meth:`aclose` or ``async with``.
+    """
+
+    def __init__(
+        self,
+        developer: Developer,
+        config: WebhookChannelConfig,
+        secrets: Sequence[str],
+        client: httpx.AsyncClient | None = None,
+    ) -> None:
+        owner = f"developer {developer.id!r}, channel {config.name!r}"
+        if not secrets:
+            raise ConfigError(f"{owner}: no webhook secret")
+        try:
+            # Decoded once here, so that a bad key fails at start-up, not per attempt.
+            self._keys = [decode_secret(secret) for secret in secrets]
+        except ValueError as exc:
+            raise ConfigError(f"{owner}: {exc}") from None
+        self.name = config.name
+        self.developer_id = developer.id
+        self.config = config
+        self._timeout = config.timeout.total_seconds()
+        self._user_agent = user_agent()
+        self._in_flight = asyncio.Semaphore(config.max_in_flight)
+        self._limiter = RateLimiter(config.rate_limit) if config.rate_limit else None
+        self._owns_client = client is None
+        self._client = _make_client(config) if client is None else client
+        self._closed = False
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def send(self, tasks: Sequence[DeliveryTask]) -> list[Outcome]:
+        """POST every task's notice; one outcome per task, in order.
+
+        Raises :class:`RuntimeError` if the channel is closed and :class:`ValueError`
+        if a task belongs to another developer or channel (a routing bug); never
+        because an attempt failed.
+        """
+        if self._closed:
+            raise RuntimeError(f"webhook channel {self.name!r} is closed")
+        for task in tasks:
+            if task.developer_id != self.developer_id or task.channel != self.name:
+                raise ValueError(
+                    f"task {task.delivery_id} is for {task.developer_id}/{task.channel}, "
+                    f"not {self.developer_id}/{self.name}"
+                )
+        return list(await asyncio.gather(*(self._attempt(task) for task in tasks)))
+
+    async def _attempt(self, task: DeliveryTask) -> Outcome:
+        async with self._in_flight:
+            if self._limiter is not None:
+                await self._limiter.acquire()
+            attempted_at = datetime.now(UTC)
+            started = time.perf_counter()
+            try:
+                # httpx's timeout applies per phase (connect, each read...); this one
+                # bounds the whole exchange, so a receiver trickling bytes cannot hold
+                # the batch for longer than configured.
+                async with asyncio.timeout(self._timeout):
+                    return await self._post(task, attempted_at, started)
+            except Exception as exc:  # every failure, whatever its type, becomes an outcome
+                return outcome_from_error(
+                    task,
+                    translate_error(exc, self._timeout),
+                    attempted_at=attempted_at,
+                    latency_ms=_elapsed_ms(started),
+                )
+
+    async def _post(self, task: DeliveryTask, attempted_at: datetime, started: float) -> Outcome:
+        body = task.notice.model_dump_json(by_alias=True).encode("utf-8")
+        headers = webhook_headers(self._keys, task.delivery_id, body)
+        # Set per request too, so that an injected client behaves the same.
+        headers["user-agent"] = self._user_agent
+        async with self._client.stream(
+            "POST",
+            self.config.url,
+            content=body,
+            headers=headers,
+            timeout=self._timeout,
+            follow_redirects=False,
+        ) as response:
+            verdict = classify_status(
+                response.status_code,
+                response.reason_phrase,
+                retry_after=response.headers.get("retry-after"),
+            )
+            content = await _read_capped(response)
+        status_line = f"{response.status_code} {response.reason_phrase}".rstrip()
+        if verdict.kind is OutcomeKind.DELIVERED:
+            receipt = _receipt(content) or status_line
+            detail = None
+        else:
+            receipt = None
+            text = content.decode("utf-8", errors="replace")
+            detail = sanitize_text(text, MAX_ERROR_DETAIL) if text.strip() else None
+        return outcome_from_status(
+            task,
+            response.status_code,
+            verdict,
+            attempted_at=attempted_at,
+            latency_ms=_elapsed_ms(started),
+            receipt=receipt,
+            detail=detail,
+        )
+
+    async def aclose(self) -> None:
+        """Close the HTTP client if this channel created it. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._owns_client:
+            await self._client.aclose()
+
+
+def _elapsed_ms(started: float) -> float:
+    return round((time.perf_counter() - started) * 1000.0, 3)

@@ -1,0 +1,84 @@
+"""Settings, read once from the environment.
+
+Every setting has an embedded default that works on a developer's machine with the
+local Kafka that ``scripts/localkafka.py`` starts.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from notice_relay.errors import ConfigError
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be an integer, not {raw!r}") from None
+
+
+def _env_float(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number, not {raw!r}") from None
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a worker, the CLI or the API needs to know about its surroundings."""
+
+    kafka_bootstrap: str = "127.0.0.1:9092"
+    topic_prefix: str = "notice-relay."
+    partitions: int = 4
+    replication_factor: int = 1
+    app_id: str = "notice-relay"
+    database_url: str = "sqlite+aiosqlite:///var/notice-relay.db"
+    connectors_dir: Path = Path("connectors")
+    publishers_file: Path = Path("publishers.toml")
+    data_dir: Path = Path("var/faust")
+    #: How many delivery tasks the deliver stage takes at once, and how long it
+    #: waits to fill a batch.
+    deliver_batch: int = 256
+    deliver_batch_wait: float = 0.05
+    audit_batch: int = 1000
+    audit_batch_wait: float = 0.1
+    log_format: str = "console"
+    log_level: str = "info"
+    extra: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_env(cls) -> Settings:
+        """Read the settings from ``NOTICE_RELAY_*`` (and ``KAFKA_BOOTSTRAP_SERVERS``)."""
+        env = os.environ.get
+        d = cls()
+        return cls(
+            kafka_bootstrap=env("KAFKA_BOOTSTRAP_SERVERS") or d.kafka_bootstrap,
+            topic_prefix=env("NOTICE_RELAY_TOPIC_PREFIX", d.topic_prefix),
+            partitions=_env_int("NOTICE_RELAY_PARTITIONS", d.partitions),
+            replication_factor=_env_int("NOTICE_RELAY_REPLICATION_FACTOR", d.replication_factor),
+            app_id=env("NOTICE_RELAY_APP_ID") or d.app_id,
+            database_url=env("NOTICE_RELAY_DATABASE_URL") or d.database_url,
+            connectors_dir=Path(env("NOTICE_RELAY_CONNECTORS") or d.connectors_dir),
+            publishers_file=Path(env("NOTICE_RELAY_PUBLISHERS") or d.publishers_file),
+            data_dir=Path(env("NOTICE_RELAY_DATA_DIR") or d.data_dir),
+            deliver_batch=_env_int("NOTICE_RELAY_DELIVER_BATCH", d.deliver_batch),
+            deliver_batch_wait=_env_float("NOTICE_RELAY_DELIVER_BATCH_WAIT", d.deliver_batch_wait),
+            audit_batch=_env_int("NOTICE_RELAY_AUDIT_BATCH", d.audit_batch),
+            audit_batch_wait=_env_float("NOTICE_RELAY_AUDIT_BATCH_WAIT", d.audit_batch_wait),
+            log_format=env("NOTICE_RELAY_LOG_FORMAT") or d.log_format,
+            log_level=env("NOTICE_RELAY_LOG_LEVEL") or d.log_level,
+        )
+
+    def with_(self, **changes: object) -> Settings:
+        """A copy with some settings changed."""
+        return replace(self, **changes)  # type: ignore[arg-type]
