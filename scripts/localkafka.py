@@ -683,7 +683,8 @@ def start(
     Raises:
         KafkaError: A port is taken, the already-running broker uses other
             ports than requested, or the broker is not usable within
-            ``timeout`` seconds (the message ends with the tail of server.log).
+            ``timeout`` seconds, or dies while starting (the message then
+            carries the ERROR lines and the tail of this start's server.log).
     """
     data_dir = Path(data_dir).resolve()
     external = _external_node(data_dir)
@@ -739,19 +740,23 @@ def start(
     raise AssertionError("unreachable")
 
 
+def _signal_and_wait(pid: int, sig: signal.Signals, timeout: float) -> bool:
+    """Send ``sig`` to ``pid``; return True once it is gone, False after ``timeout``."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, sig)
+    deadline = time.monotonic() + timeout
+    while _pid_alive(pid):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
 def _terminate(pid: int, data_dir: Path, timeout: float = 20) -> None:
     """SIGTERM the broker (a clean controlled shutdown), SIGKILL after ``timeout``."""
-    if _is_our_broker(pid, data_dir):
-        for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, sig)
-            deadline = time.monotonic() + wait
-            while _pid_alive(pid) and time.monotonic() < deadline:
-                time.sleep(0.1)
-            if not _pid_alive(pid):
-                break
-            log.warning("Kafka pid %d ignored SIGTERM for %.0fs; killing it", pid, wait)
-        else:
+    if _is_our_broker(pid, data_dir) and not _signal_and_wait(pid, signal.SIGTERM, timeout):
+        log.warning("Kafka pid %d ignored SIGTERM for %.0f s; killing it", pid, timeout)
+        if not _signal_and_wait(pid, signal.SIGKILL, 5.0):
             raise KafkaError(f"Kafka pid {pid} survived SIGKILL")
     if _read_pid(data_dir) == pid:
         (data_dir / _PID_FILE).unlink(missing_ok=True)

@@ -217,7 +217,7 @@ async def test_fifty_declarations_reach_exactly_their_receivers(relay_env: Any, 
     assert "declaration.duplicate" in types
 
     # Human-readable status renders too.
-    res = relay_env.cli("status", "decl-001")
+    res = relay_env.cli("status", "decl-000")
     assert res.returncode == 0 and b"delivered" in res.stdout
 
     for r in receivers.values():
