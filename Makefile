@@ -17,6 +17,7 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	touch $@
 
 setup: $(VENV)/.installed
+	bash scripts/setup-system.sh
 	$(BIN)/python scripts/localkafka.py install
 
 demo: setup

@@ -63,7 +63,9 @@ def reject(raw: bytes, **kw: Any) -> DeclarationInvalid:
     with pytest.raises(DeclarationInvalid) as info:
         parse_declaration(raw, **kw)
     exc = info.value
-    assert exc.reason and "\n" not in exc.reason
+    assert exc.reason
+    assert "\n" not in exc.reason
+    assert not exc.reason.startswith("could not be validated"), "an internal error, not a rule"
     assert exc.errors, "an invalid declaration names at least one field"
     assert all(e.field and e.message and "\n" not in e.message for e in exc.errors)
     return exc
@@ -204,11 +206,29 @@ def test_input_at_the_limit_is_parsed() -> None:
     assert parse_declaration(raw, max_bytes=len(raw)).declaration_id == "af-0001"
 
 
+def test_unexpected_failures_still_become_declaration_invalid(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Even a bug inside validation surfaces as DeclarationInvalid (so the stream goes
+    on), with a reason that says it was unexpected."""
+    import notice_relay.validate as validate
+
+    def broken(text: str) -> list[FieldError]:
+        raise KeyError("boom")
+
+    monkeypatch.setattr(validate, "_duplicate_keys", broken)
+    with pytest.raises(DeclarationInvalid) as info:
+        parse_declaration(encode(declaration()))
+    assert info.value.reason == "could not be validated: unexpected KeyError"
+    assert info.value.errors[0].field == DOCUMENT
+
+
 def test_non_bytes_input_is_refused() -> None:
     """A str (or anything not bytes-like) is DeclarationInvalid too, not TypeError."""
     exc = reject(json.dumps(declaration()))  # type: ignore[arg-type]
     assert exc.reason == "expected bytes, got str"
-    assert parse_declaration(bytearray(encode(declaration()))).declaration_id == "af-0001"
+    raw = bytearray(encode(declaration()))
+    assert parse_declaration(raw).declaration_id == "af-0001"  # type: ignore[arg-type]
 
 
 # ------------------------------------------------------------------ contract
@@ -276,7 +296,8 @@ def test_reason_for_one_field_carries_its_message() -> None:
      "ai-inference, prompt-name"),
     ({"uses": []}, "uses",
      "must list at least one use: train-ai, train-genai, data-mining, ai-inference, prompt-name"),
-    ({"targets": []}, "targets", 'must list at least one developer id, or ["*"] for every developer'),
+    ({"targets": []}, "targets",
+     'must list at least one developer id, or ["*"] for every developer'),
     ({"targets": ["*", "acme-ai"]}, "targets",
      '"*" (every developer) cannot be combined with developer ids'),
     ({"targets": ["acme ai"]}, "targets.0",
@@ -325,7 +346,8 @@ def test_future_timestamp_rule() -> None:
 
 def test_any_offset_is_accepted() -> None:
     """Offsets other than UTC, and "Z", are fine."""
-    for when in ("2026-03-01T12:00:00Z", "2026-03-01T12:00:00-09:30", "2026-03-01T12:00:00.5+14:00"):
+    for when in ("2026-03-01T12:00:00Z", "2026-03-01T12:00:00-09:30",
+                 "2026-03-01T12:00:00.5+14:00"):
         parse_declaration(encode(declaration(declared_at=when)))
 
 
@@ -333,7 +355,8 @@ def test_withdraw_needs_supersedes_and_only_withdraw_has_it() -> None:
     """A withdrawal must say what it supersedes; an opt-out must not; nothing
     supersedes itself. The model-level errors land on the supersedes field."""
     exc = reject(encode(declaration(action="withdraw")))
-    assert exc.errors == [FieldError(field="supersedes", message="required when action is withdraw")]
+    assert exc.errors == [
+        FieldError(field="supersedes", message="required when action is withdraw")]
     exc = reject(encode(declaration(supersedes="af-0000")))
     assert message(exc, "supersedes") == "only allowed when action is withdraw"
     exc = reject(encode(declaration(action="withdraw", supersedes="af-0001")))
@@ -354,7 +377,8 @@ def test_10000_works_accepted_10001_refused() -> None:
     works = [{"url": f"https://a.example/w/{i}"} for i in range(10_000)]
     parse_declaration(encode(declaration(works=works)))
     exc = reject(encode(declaration(works=[*works, {"url": "https://a.example/w/x"}])))
-    assert exc.errors == [FieldError(field="works", message="must have at most 10,000 items (got 10,001)")]
+    assert exc.errors == [
+        FieldError(field="works", message="must have at most 10,000 items (got 10,001)")]
 
 
 @pytest.mark.parametrize("url", [
@@ -378,7 +402,8 @@ def test_duplicate_keys_are_refused() -> None:
                                         b'"uses": ["train-ai"], "uses": ["data-mining"]')
     exc = reject(raw)
     assert fields(exc) == ["uses"]
-    raw = encode(declaration()).replace(b'"artist_id": "u-1"', b'"artist_id": "u-1", "artist_id": "u-2"')
+    raw = encode(declaration()).replace(b'"artist_id": "u-1"',
+                                        b'"artist_id": "u-1", "artist_id": "u-2"')
     assert fields(reject(raw)) == ["artist.artist_id"]
 
 
@@ -434,9 +459,12 @@ def test_long_values_are_shortened_in_messages() -> None:
     exc = reject(encode(declaration(uses=["x" * 100_000], declaration_id="y" * 100_000,
                                     **{"z" * 10_000: 1})))
     for error in exc.errors:
-        assert len(error.message) < 300 and len(error.field) < 120
+        assert len(error.message) < 300
+        assert len(error.field) < 120
     assert "…" in message(exc, "uses.0")
-    assert any(e.field.startswith("zzz") and e.field.endswith("…") for e in exc.errors)
+    assert any(e.field.startswith('"zzz') and e.field.endswith('…"') for e in exc.errors)
+    exc = reject(encode(declaration(**{"": 1, "a.b": 2})))
+    assert fields(exc) == ['""', '"a.b"']
     assert len(exc.reason) < 600
     assert ECHO_LIMIT == 80
 
@@ -477,6 +505,22 @@ _JSON = st.recursive(
                                                                  max_size=4),
     max_leaves=20,
 )
+def _outcome(raw: bytes) -> Declaration | DeclarationInvalid:
+    """The declaration, or the refusal, without raising."""
+    try:
+        return parse_declaration(raw)
+    except DeclarationInvalid as exc:
+        return exc
+
+
+def _check_refusal(exc: DeclarationInvalid) -> None:
+    """The contract of every refusal: named fields, a one-line reason, a rule."""
+    assert exc.errors
+    assert all(e.field and e.message for e in exc.errors)
+    assert "\n" not in exc.reason
+    assert not exc.reason.startswith("could not be validated")
+
+
 _FIELDS = ["schema", "declaration_id", "publisher_id", "action", "declared_at", "artist",
            "works", "all_works", "uses", "targets", "supersedes", "note"]
 
@@ -485,10 +529,9 @@ _FIELDS = ["schema", "declaration_id", "publisher_id", "action", "declared_at", 
 @given(st.binary(max_size=300))
 def test_fuzz_arbitrary_bytes(raw: bytes) -> None:
     """Arbitrary bytes: DeclarationInvalid or a Declaration, nothing else."""
-    try:
-        parse_declaration(raw)
-    except DeclarationInvalid as exc:
-        assert exc.errors and "\n" not in exc.reason
+    outcome = _outcome(raw)
+    if isinstance(outcome, DeclarationInvalid):
+        _check_refusal(outcome)
 
 
 @FUZZ
@@ -506,10 +549,10 @@ def test_fuzz_mutated_declarations(field: str, value: Any, artist_field: str, in
     """A valid declaration with a field (top-level or in artist) replaced by arbitrary
     JSON is either refused with named fields, or accepted and then normalizes: an
     accepted declaration never breaks the next stage."""
-    data = declaration(artist=artist(**{artist_field: inner}), **{field: value})
-    try:
-        decl = parse_declaration(encode(data))
-    except DeclarationInvalid as exc:
-        assert exc.errors and all(e.field for e in exc.errors)
+    data = declaration(artist=artist(**{artist_field: inner}))
+    data[field] = value
+    outcome = _outcome(encode(data))
+    if isinstance(outcome, DeclarationInvalid):
+        _check_refusal(outcome)
     else:
-        normalize(decl, relayed_at=datetime.now(UTC))
+        normalize(outcome, relayed_at=datetime.now(UTC))

@@ -121,7 +121,12 @@ class _Url:
 
 
 def _check_chars(value: str) -> None:
-    for ch in value:
+    # Fast path: printable ASCII without spaces has nothing to refuse below.
+    if value.isascii() and value.isprintable() and " " not in value:
+        chars = ""
+    else:
+        chars = value
+    for ch in chars:
         if ch.isspace():
             raise ValueError("must not contain whitespace (percent-encode it as %20)")
         if unicodedata.category(ch) == "Cc" or ch in _BIDI_CONTROLS:
@@ -195,6 +200,8 @@ def check_http_url(value: str) -> str:
 
 def _normalize_escapes(text: str, safe: frozenset[str]) -> str:
     """Put percent-encoding in its one normal form (RFC 3986 section 6.2.2)."""
+    if "%" not in text and all(ch in safe for ch in text):
+        return text  # the common case: nothing to encode or decode
     out: list[str] = []
     i = 0
     n = len(text)

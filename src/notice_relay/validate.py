@@ -97,11 +97,13 @@ def _document_error(reason: str) -> DeclarationInvalid:
 def _decode(raw: bytes, max_bytes: int) -> str:
     if not isinstance(raw, bytes | bytearray | memoryview):
         raise _document_error(f"expected bytes, got {type(raw).__name__}")
-    data = bytes(raw)
-    if len(data) > max_bytes:
+    size = raw.nbytes if isinstance(raw, memoryview) else len(raw)
+    if size > max_bytes:
+        # Refused by size alone: nothing this large is decoded or parsed.
         raise _document_error(
-            f"declaration too large: {len(data):,} bytes; the limit is {max_bytes:,} bytes"
+            f"declaration too large: {size:,} bytes; the limit is {max_bytes:,} bytes"
         )
+    data = bytes(raw)
     if not data:
         raise _document_error("declaration is empty (0 bytes); expected a JSON object")
     offset = 0
@@ -276,10 +278,12 @@ def _clean_loc(err: ErrorDetails) -> list[str | int]:
     loc = list(err["loc"])
     unknown_key = loc.pop() if err["type"] == "extra_forbidden" and loc else None
     # pydantic adds a tag for the member of a union that failed ("constrained-str",
-    # "literal['*']"): not a field. An unknown key is kept as sent, but shortened.
+    # "literal['*']"): not a field. An unknown key is kept as sent, shortened, and
+    # quoted unless it is a plain name (so "" or "a.b" stay recognisable).
     cleaned = [part for part in loc if isinstance(part, int) or _NAME.match(part)]
     if unknown_key is not None:
-        cleaned.append(_shorten(str(unknown_key)))
+        key = str(unknown_key)
+        cleaned.append(key if _NAME.match(key) and len(key) <= ECHO_LIMIT else _echo(key))
     return cleaned
 
 
