@@ -122,11 +122,8 @@ class _Url:
 
 def _check_chars(value: str) -> None:
     # Fast path: printable ASCII without spaces has nothing to refuse below.
-    if value.isascii() and value.isprintable() and " " not in value:
-        chars = ""
-    else:
-        chars = value
-    for ch in chars:
+    plain = value.isascii() and value.isprintable() and " " not in value
+    for ch in "" if plain else value:
         if ch.isspace():
             raise ValueError("must not contain whitespace (percent-encode it as %20)")
         if unicodedata.category(ch) == "Cc" or ch in _BIDI_CONTROLS:
