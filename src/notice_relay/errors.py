@@ -9,6 +9,7 @@
     ├── ChannelError                a delivery attempt failed (translated from httpx/aiosmtplib)
     │   ├── TransientChannelError   retriable = True: timeouts, 5xx, 429, connection errors
     │   └── PermanentChannelError   retriable = False: 4xx, refused address, bad TLS
+    │       └── AddressRefused      the SSRF guard refused the address (netguard)
     ├── StoreError                  the audit store failed
     └── KafkaUnavailable            the broker could not be reached (retriable)
 
@@ -74,6 +75,17 @@ class PermanentChannelError(ChannelError):
     """A failure that no retry will fix."""
 
     retriable = False
+
+
+class AddressRefused(PermanentChannelError):
+    """The network guard refused to connect to ``address`` (a private, loopback,
+    link-local, reserved or cloud-metadata address) while reaching ``host``."""
+
+    def __init__(self, message: str, *, host: str, address: str, kind: str) -> None:
+        self.host = host
+        self.address = address
+        self.kind = kind
+        super().__init__(message)
 
 
 class StoreError(NoticeRelayError):
