@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections import defaultdict
-from collections.abc import AsyncIterator, Sequence
-from datetime import timedelta
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from datetime import datetime, timedelta
 from typing import Any
 
 import faust
@@ -31,12 +31,16 @@ from pydantic import ValidationError
 
 from notice_relay.audit.store import AuditStore
 from notice_relay.channels import build_channel
+from notice_relay.audit.events import audit_event
 from notice_relay.channels.base import Channel
+from notice_relay.channelstate import ChannelStates
 from notice_relay.config import Settings
 from notice_relay.connectors import Developer, Publisher, load_developers, load_publishers
 from notice_relay.errors import DeclarationInvalid, NoticeRelayError, StoreError
 from notice_relay.fanout import plan_deliveries
-from notice_relay.models import AuditEvent, ChannelType, DeliveryTask, Outcome
+from notice_relay.health import ChannelHealth, after_outcome
+from notice_relay.lanes import Admission, Lane, LaneSettings
+from notice_relay.models import Actor, ActorKind, AuditEvent, AuditType, ChannelType, DeliveryTask, Outcome
 from notice_relay.normalize import normalize
 from notice_relay.stages import (
     DEFAULT_RETRY_SCHEDULE,
@@ -49,7 +53,7 @@ from notice_relay.stages import (
     reject,
     utcnow,
 )
-from notice_relay.topics import Topics
+from notice_relay.topics import Topics, tier_for
 from notice_relay.validate import parse_declaration
 
 log = structlog.get_logger("notice_relay.worker")
@@ -69,6 +73,8 @@ class Runtime:
         self.channels: dict[tuple[str, str], Channel] = {}
         self._store: AuditStore | None = None
         self._store_lock = asyncio.Lock()
+        self.states: ChannelStates | None = None
+        self.closers: list[Callable[[], Awaitable[None]]] = []
 
     @classmethod
     def load(cls, settings: Settings) -> Runtime:
@@ -85,13 +91,26 @@ class Runtime:
                     self.channels[(dev.id, cfg.name)] = build_channel(dev, cfg)
 
     def schedule_for(self, task: DeliveryTask) -> Sequence[timedelta]:
-        """The retry schedule of a task's channel."""
+        """The retry schedule of a task's channel (else the global one, else the default)."""
         dev = self.developers.get(task.developer_id)
         if dev is not None:
             for cfg in dev.channels:
                 if cfg.name == task.channel and cfg.retry_schedule:
                     return list(cfg.retry_schedule)
-        return DEFAULT_RETRY_SCHEDULE
+        return self.settings.retry_schedule or DEFAULT_RETRY_SCHEDULE
+
+    def lane_settings(self, key: tuple[str, str]) -> LaneSettings:
+        """The lane bounds of a channel (a digest window for email channels)."""
+        ch = self.channels.get(key)
+        window = getattr(ch, "digest_window", None)
+        max_batch = getattr(ch, "max_per_digest", 64)
+        return LaneSettings(
+            breaker_threshold=self.settings.breaker_threshold,
+            breaker_cooldown=self.settings.breaker_cooldown.total_seconds(),
+            digest_window=window.total_seconds() if isinstance(window, timedelta) else 0.0,
+            max_batch=int(max_batch),
+            capacity=max(256, 2 * int(max_batch)),
+        )
 
     async def store(self) -> AuditStore:
         """The audit store, opened on first use."""
@@ -101,12 +120,34 @@ class Runtime:
             return self._store
 
     async def close(self) -> None:
-        """Close channels and the store."""
+        """Close lanes, channels and the store."""
+        for closer in self.closers:
+            with contextlib.suppress(Exception):
+                await closer()
         for ch in self.channels.values():
             with contextlib.suppress(Exception):
                 await ch.aclose()
         if self._store is not None:
             await self._store.close()
+
+
+def held_event(task: DeliveryTask, reason: str | None) -> AuditEvent:
+    """The audit event of a delivery held because its channel is disabled."""
+    return audit_event(
+        AuditType.DELIVERY_HELD, task.declaration_key, unique=(task.attempt,),
+        delivery_id=task.delivery_id, developer_id=task.developer_id,
+        data={"channel": task.channel, "reason": f"channel disabled: {reason or 'no reason given'}"},
+    )
+
+
+def channel_event(health: ChannelHealth, at: datetime, actor: Actor | None = None) -> AuditEvent:
+    """The audit event of a channel being disabled or enabled (in the channel's own trail)."""
+    kind = AuditType.CHANNEL_ENABLED if health.enabled else AuditType.CHANNEL_DISABLED
+    return audit_event(
+        kind, f"_channel/{health.key}", unique=(at.isoformat(),), developer_id=health.developer_id,
+        actor=actor or Actor(kind=ActorKind.SYSTEM, id="notice-relay"), occurred_at=at,
+        data={"channel": health.channel, "reason": health.reason, "last_error": health.last_error},
+    )
 
 
 def _raw_topic(app: faust.App, name: str, partitions: int) -> Any:
@@ -132,6 +173,8 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> faust.App:
         broker_commit_interval=1.0,
         stream_wait_empty=False,
         table_standby_replicas=0,
+        broker_session_timeout=settings.session_timeout.total_seconds(),
+        broker_heartbeat_interval=min(3.0, settings.session_timeout.total_seconds() / 3),
         processing_guarantee="at_least_once",
     )
     app.runtime = rt  # type: ignore[attr-defined]
@@ -141,7 +184,6 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> faust.App:
     t_rejected = _raw_topic(app, topics.rejected, parts)
     t_notices = _raw_topic(app, topics.notices, parts)
     t_deliveries = _raw_topic(app, topics.deliveries, parts)
-    t_retries = _raw_topic(app, topics.retries, parts)
     t_outcomes = _raw_topic(app, topics.outcomes, parts)
     t_audit = _raw_topic(app, topics.audit, parts)
 
@@ -149,6 +191,21 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> faust.App:
     # (the artist), so a table entry lives in the partition of the message that set it.
     seen = app.Table("declarations-seen", default=None, partitions=parts)
     versions = app.Table("artist-versions", default=int, partitions=parts)
+
+    retry_topics = {seconds: _raw_topic(app, name, parts) for seconds, name in topics.retry_tiers}
+    t_channels = _raw_topic(app, topics.channels, 1)
+    states = ChannelStates(settings)
+    rt.states = states
+
+    async def send_channel_state(key: str, value: bytes) -> object:
+        return await t_channels.send(key=key.encode(), value=value)
+
+    async def schedule(task: DeliveryTask, due: datetime) -> Any:
+        """Put a task in the retry tier for its remaining wait (durable, in Kafka)."""
+        task = task.model_copy(update={"not_before": due})
+        tier = tier_for((due - utcnow()).total_seconds())
+        return await retry_topics[tier].send(key=task.delivery_id.encode(),
+                                             value=task.model_dump_json().encode())
 
     async def send_out(out: Out) -> list[Any]:
         futs = []
@@ -160,12 +217,15 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> faust.App:
             futs.append(await t_deliveries.send(key=task.delivery_id.encode(),
                                                 value=task.model_dump_json().encode()))
         for task in out.retries:
-            futs.append(await t_retries.send(key=task.delivery_id.encode(),
-                                             value=task.model_dump_json().encode()))
+            futs.append(await schedule(task, task.not_before or utcnow()))
         for ev in out.audit:
             futs.append(await t_audit.send(key=ev.declaration_key.encode(),
                                            value=ev.model_dump_json().encode()))
         return futs
+
+    @app.task
+    async def load_channel_states() -> None:
+        await states.start()
 
     @app.agent(t_declarations, name="normalize")
     async def normalize_agent(stream: faust.StreamT[bytes]) -> AsyncIterator[None]:
@@ -208,47 +268,72 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> faust.App:
             await send_out(Out(deliveries=plan.tasks, audit=plan.events))
             yield None
 
-    async def deliver_batch(tasks: list[DeliveryTask]) -> list[tuple[DeliveryTask, Outcome]]:
-        groups: dict[tuple[str, str], list[DeliveryTask]] = defaultdict(list)
-        for t in tasks:
-            groups[(t.developer_id, t.channel)].append(t)
+    deliver_stream: list[Any] = []
 
-        async def run(key: tuple[str, str], group: list[DeliveryTask]) -> list[Outcome]:
+    async def report(event: Any, task: DeliveryTask, outcome: Outcome) -> None:
+        await t_outcomes.send(
+            key=task.delivery_id.encode(),
+            value=OutcomeRecord(task=task, outcome=outcome).model_dump_json().encode(),
+        )
+        await deliver_stream[0].ack(event)
+
+    lanes: dict[tuple[str, str], Lane[Any]] = {}
+
+    def lane_for(key: tuple[str, str]) -> Lane[Any] | None:
+        lane = lanes.get(key)
+        if lane is None:
             ch = rt.channels.get(key)
             if ch is None:
-                return [Outcome.permanent(t, f"channel {key[0]}/{key[1]} is no longer configured")
-                        for t in group]
-            try:
-                return await ch.send(group)
-            except Exception as exc:  # a channel bug must not stop other channels
-                log.exception("channel.crashed", developer=key[0], channel=key[1])
-                return [Outcome.transient(t, f"internal error in channel: {exc!r}") for t in group]
-
-        keys = list(groups)
-        results = await asyncio.gather(*(run(k, groups[k]) for k in keys))
-        pairs: list[tuple[DeliveryTask, Outcome]] = []
-        for k, outs in zip(keys, results, strict=True):
-            pairs.extend(zip(groups[k], outs, strict=True))
-        return pairs
+                return None
+            lane = Lane(key, ch, report, rt.lane_settings(key))
+            lanes[key] = lane
+        return lane
 
     @app.agent(t_deliveries, name="deliver")
     async def deliver_agent(stream: faust.StreamT[bytes]) -> AsyncIterator[None]:
-        async for batch in stream.take(settings.deliver_batch, within=settings.deliver_batch_wait):
-            tasks = []
-            for raw in batch:
-                try:
-                    tasks.append(DeliveryTask.model_validate_json(raw))
-                except ValidationError as exc:
-                    log.error("delivery.unreadable", error=str(exc)[:500])
-            for task, outcome in await deliver_batch(tasks):
-                await t_outcomes.send(
-                    key=task.delivery_id.encode(),
-                    value=OutcomeRecord(task=task, outcome=outcome).model_dump_json().encode(),
-                )
+        # Manual acks: each message is acked when its outcome is out, in whatever
+        # order the lanes finish; Faust commits up to the first one still in flight.
+        s = stream.noack()
+        deliver_stream[:] = [s]
+        await states.ready.wait()
+        async for event in s.events():
+            try:
+                task = DeliveryTask.model_validate_json(event.value)
+            except ValidationError as exc:
+                log.error("delivery.unreadable", error=str(exc)[:500])
+                await s.ack(event)
+                continue
+            key = (task.developer_id, task.channel)
+            lane = lane_for(key)
+            if lane is None:
+                await report(event, task, Outcome.permanent(
+                    task, f"channel {key[0]}/{key[1]} is no longer configured"))
+                continue
+            health = states.get(*key)
+            if not health.enabled:
+                # Held, durably, until an operator enables the channel again.
+                if not task.held:
+                    await send_out(Out(audit=[held_event(task, health.reason)]))
+                await schedule(task.model_copy(update={"held": True}),
+                               utcnow() + settings.hold_recheck)
+                await s.ack(event)
+                continue
+            if task.held:
+                task = task.model_copy(update={"held": False})
+            admission = lane.admission()
+            if admission is Admission.DEFER:
+                # The channel is stalled or its breaker is open: its task waits in the
+                # retry tiers (no attempt counted) instead of blocking the others.
+                wait = max(lane.cooldown_left(), 1.0)
+                await schedule(task, utcnow() + timedelta(seconds=wait))
+                await s.ack(event)
+                continue
+            await lane.put(event, task)
             yield None
 
     @app.agent(t_outcomes, name="outcomes")
     async def outcomes_agent(stream: faust.StreamT[bytes]) -> AsyncIterator[None]:
+        await states.ready.wait()
         async for batch in stream.take(500, within=0.05):
             for raw in batch:
                 try:
@@ -256,23 +341,45 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> faust.App:
                 except ValidationError as exc:
                     log.error("outcome.unreadable", error=str(exc)[:500])
                     continue
-                await send_out(on_outcome(rec.task, rec.outcome, schedule=rt.schedule_for(rec.task)))
+                task, outcome = rec.task, rec.outcome
+                await send_out(on_outcome(task, outcome, schedule=rt.schedule_for(task),
+                                          slow_down_floor=settings.slow_down_floor))
+                health = states.get(task.developer_id, task.channel)
+                changed = after_outcome(health, outcome, now=utcnow(),
+                                        disable_after=settings.disable_after)
+                if changed is not None:
+                    await states.put(changed, send_channel_state)
+                    if health.enabled and not changed.enabled:
+                        log.warning("channel.disabled", developer=changed.developer_id,
+                                    channel=changed.channel, reason=changed.reason)
+                        await send_out(Out(audit=[channel_event(changed, outcome.attempted_at)]))
             yield None
 
-    @app.agent(t_retries, name="retry")
-    async def retry_agent(stream: faust.StreamT[bytes]) -> AsyncIterator[None]:
-        async for raw in stream:
-            try:
-                task = DeliveryTask.model_validate_json(raw)
-            except ValidationError as exc:
-                log.error("retry.unreadable", error=str(exc)[:500])
-                continue
-            if task.not_before is not None:
-                wait = (task.not_before - utcnow()).total_seconds()
+    def make_tier_agent(seconds: int, topic: Any) -> None:
+        async def tier_agent(stream: faust.StreamT[bytes]) -> AsyncIterator[None]:
+            # Every message of this tier waits the same time, so the head of the
+            # stream is always the first one due.
+            async for event in stream.events():
+                try:
+                    task = DeliveryTask.model_validate_json(event.value)
+                except ValidationError as exc:
+                    log.error("retry.unreadable", error=str(exc)[:500])
+                    continue
+                entered = event.message.timestamp or time.time()
+                wait = entered + seconds - time.time()
                 if wait > 0:
                     await asyncio.sleep(wait)
-            await t_deliveries.send(key=task.delivery_id.encode(), value=raw)
-            yield None
+                due = task.not_before or utcnow()
+                if (due - utcnow()).total_seconds() > 0.05:
+                    await schedule(task, due)
+                else:
+                    await t_deliveries.send(key=task.delivery_id.encode(), value=event.value)
+                yield None
+
+        app.agent(topic, name=f"retry-{seconds}s")(tier_agent)
+
+    for seconds, topic in retry_topics.items():
+        make_tier_agent(seconds, topic)
 
     @app.agent(t_audit, name="project")
     async def project_agent(stream: faust.StreamT[bytes]) -> AsyncIterator[None]:
@@ -297,8 +404,15 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> faust.App:
                     delay = min(delay * 2, 30.0)
             yield None
 
+    async def close_lanes() -> None:
+        for lane in lanes.values():
+            await lane.close()
+        await states.stop()
+
+    rt.closers.append(close_lanes)
+
     @app.on_before_shutdown.connect
-    async def _close(app: faust.App, **_: Any) -> None:
+    async def _close(app: faust.App, **_: Any) -> None:  # type: ignore[misc]
         await rt.close()
 
     return app

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field, replace
+from datetime import timedelta
 from pathlib import Path
 
 from notice_relay.errors import ConfigError
@@ -21,6 +22,30 @@ def _env_int(name: str, default: int) -> int:
         return int(raw)
     except ValueError:
         raise ConfigError(f"{name} must be an integer, not {raw!r}") from None
+
+
+def _env_duration(name: str, default: timedelta) -> timedelta:
+    from notice_relay.durations import parse_duration
+
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return parse_duration(raw)
+    except ValueError as exc:
+        raise ConfigError(f"{name}: {exc}") from None
+
+
+def _env_schedule(name: str) -> tuple[timedelta, ...] | None:
+    from notice_relay.durations import parse_duration
+
+    raw = os.environ.get(name)
+    if not raw:
+        return None
+    try:
+        return tuple(parse_duration(x.strip()) for x in raw.split(",") if x.strip())
+    except ValueError as exc:
+        raise ConfigError(f"{name}: {exc}") from None
 
 
 def _env_float(name: str, default: float) -> float:
@@ -52,6 +77,19 @@ class Settings:
     deliver_batch_wait: float = 0.05
     audit_batch: int = 1000
     audit_batch_wait: float = 0.1
+    #: Global retry schedule (a channel's ``retry_schedule`` overrides it).
+    retry_schedule: tuple[timedelta, ...] | None = None
+    #: After a 429 or a timeout, the next attempt waits at least this long.
+    slow_down_floor: timedelta = timedelta(seconds=60)
+    #: A channel failing without a success for this long is disabled.
+    disable_after: timedelta = timedelta(days=5)
+    #: How often tasks held for a disabled channel look whether it is enabled again.
+    hold_recheck: timedelta = timedelta(seconds=60)
+    #: A lane's circuit breaker: consecutive transient failures, and how long it stays open.
+    breaker_threshold: int = 5
+    breaker_cooldown: timedelta = timedelta(seconds=30)
+    #: Consumer group session timeout: how soon a crashed worker's partitions move.
+    session_timeout: timedelta = timedelta(seconds=30)
     log_format: str = "console"
     log_level: str = "info"
     extra: dict[str, str] = field(default_factory=dict)
@@ -75,6 +113,13 @@ class Settings:
             deliver_batch_wait=_env_float("NOTICE_RELAY_DELIVER_BATCH_WAIT", d.deliver_batch_wait),
             audit_batch=_env_int("NOTICE_RELAY_AUDIT_BATCH", d.audit_batch),
             audit_batch_wait=_env_float("NOTICE_RELAY_AUDIT_BATCH_WAIT", d.audit_batch_wait),
+            retry_schedule=_env_schedule("NOTICE_RELAY_RETRY_SCHEDULE"),
+            slow_down_floor=_env_duration("NOTICE_RELAY_SLOW_DOWN_FLOOR", d.slow_down_floor),
+            disable_after=_env_duration("NOTICE_RELAY_DISABLE_AFTER", d.disable_after),
+            hold_recheck=_env_duration("NOTICE_RELAY_HOLD_RECHECK", d.hold_recheck),
+            breaker_threshold=_env_int("NOTICE_RELAY_BREAKER_THRESHOLD", d.breaker_threshold),
+            breaker_cooldown=_env_duration("NOTICE_RELAY_BREAKER_COOLDOWN", d.breaker_cooldown),
+            session_timeout=_env_duration("NOTICE_RELAY_SESSION_TIMEOUT", d.session_timeout),
             log_format=env("NOTICE_RELAY_LOG_FORMAT") or d.log_format,
             log_level=env("NOTICE_RELAY_LOG_LEVEL") or d.log_level,
         )

@@ -7,7 +7,8 @@
     │   └── ConnectorConfigError    a connector/publisher file is invalid (names file and field)
     ├── DeclarationInvalid          a declaration breaks the Declaration v1 contract
     ├── ChannelError                a delivery attempt failed (translated from httpx/aiosmtplib)
-    │   ├── TransientChannelError   retriable = True: timeouts, 5xx, 429, connection errors
+    │   ├── TransientChannelError   retriable = True: 5xx, 429, connection errors
+    │   │   └── ChannelTimeout      no answer in time (slow_down = True)
     │   └── PermanentChannelError   retriable = False: 4xx, refused address, bad TLS
     │       └── AddressRefused      the SSRF guard refused the address (netguard)
     ├── StoreError                  the audit store failed
@@ -58,6 +59,9 @@ class DeclarationInvalid(NoticeRelayError):
 class ChannelError(NoticeRelayError):
     """A delivery attempt failed."""
 
+    #: The receiver is overloaded: the next attempt should wait longer than usual.
+    slow_down: bool = False
+
     def __init__(self, message: str, *, status_code: int | None = None,
                  retry_after: float | None = None) -> None:
         self.status_code = status_code
@@ -69,6 +73,12 @@ class TransientChannelError(ChannelError):
     """A failure that a later attempt may not meet."""
 
     retriable = True
+
+
+class ChannelTimeout(TransientChannelError):
+    """The receiver did not answer in time: retry, and back off longer than usual."""
+
+    slow_down = True
 
 
 class PermanentChannelError(ChannelError):

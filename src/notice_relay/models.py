@@ -295,6 +295,9 @@ class DeliveryTask(_Strict):
     attempt: int = Field(default=1, ge=1)
     planned_at: AwareDatetime
     not_before: AwareDatetime | None = None
+    held: bool = Field(
+        default=False, description="Waiting for its disabled channel to be enabled again."
+    )
 
     @property
     def declaration_key(self) -> str:
@@ -324,6 +327,10 @@ class Outcome(_Strict):
     receipt: str | None = None
     disable_channel: bool = Field(
         default=False, description="The receiver said the endpoint is gone (HTTP 410)."
+    )
+    slow_down: bool = Field(
+        default=False,
+        description="The receiver is overloaded (HTTP 429 or a timeout): back off longer.",
     )
 
     @classmethod
@@ -359,6 +366,7 @@ class DeliveryState(StrEnum):
     FAILED = "failed"
     SUPERSEDED = "superseded"
     SKIPPED = "skipped"
+    HELD = "held"
 
 
 class ActorKind(StrEnum):
@@ -389,6 +397,7 @@ class AuditType(StrEnum):
     DECLARATION_NORMALIZED = "declaration.normalized"
     DELIVERY_PLANNED = "delivery.planned"
     DELIVERY_SKIPPED = "delivery.skipped"
+    DELIVERY_HELD = "delivery.held"
     DELIVERY_ATTEMPTED = "delivery.attempted"
     DELIVERY_RETRY_SCHEDULED = "delivery.retry_scheduled"
     DELIVERY_DELIVERED = "delivery.delivered"

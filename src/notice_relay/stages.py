@@ -182,6 +182,7 @@ def on_outcome(
     outcome: Outcome,
     *,
     schedule: Sequence[timedelta] = DEFAULT_RETRY_SCHEDULE,
+    slow_down_floor: timedelta = timedelta(seconds=60),
     rng: random.Random | None = None,
 ) -> Out:
     """Move a delivery on after one attempt: delivered, retry later, or failed."""
@@ -208,7 +209,10 @@ def on_outcome(
         return out
     delay = None
     if outcome.kind is OutcomeKind.TRANSIENT:
-        delay = retry_delay(outcome.attempt, schedule, retry_after=outcome.retry_after, rng=rng)
+        floor = outcome.retry_after
+        if outcome.slow_down:
+            floor = max(floor or 0.0, slow_down_floor.total_seconds())
+        delay = retry_delay(outcome.attempt, schedule, retry_after=floor, rng=rng)
     if delay is None:
         why = outcome.error or "failed"
         if outcome.kind is OutcomeKind.TRANSIENT:
@@ -225,7 +229,7 @@ def on_outcome(
         AuditType.DELIVERY_RETRY_SCHEDULED, key, unique=(outcome.attempt,),
         data={"attempt": outcome.attempt, "next_attempt": outcome.attempt + 1,
               "next_attempt_at": due.isoformat(), "error": outcome.error,
-              "status_code": outcome.status_code},
+              "status_code": outcome.status_code, "retry_after": outcome.retry_after},
         **common,  # type: ignore[arg-type]
     ))
     return out

@@ -16,6 +16,31 @@ from notice_relay.config import Settings
 from notice_relay.errors import KafkaUnavailable
 
 
+#: The delays of the retry tiers, in seconds. A retry waits in the tier whose delay
+#: is the longest not exceeding its remaining wait, then moves to the next tier or to
+#: the deliveries topic. Every message in one tier waits the same time, so each tier
+#: is consumed in due order and nothing waits behind a later-due message.
+RETRY_TIERS: tuple[int, ...] = (1, 5, 30, 120, 600, 3600, 14400)
+
+
+def tier_name(seconds: int) -> str:
+    """``retry-5s``, ``retry-2m``, ``retry-1h``…"""
+    if seconds % 3600 == 0:
+        return f"retry-{seconds // 3600}h"
+    if seconds % 60 == 0:
+        return f"retry-{seconds // 60}m"
+    return f"retry-{seconds}s"
+
+
+def tier_for(remaining: float) -> int:
+    """The tier (its delay in seconds) for a retry due in ``remaining`` seconds."""
+    best = RETRY_TIERS[0]
+    for t in RETRY_TIERS:
+        if t <= remaining:
+            best = t
+    return best
+
+
 @dataclass(frozen=True)
 class Topics:
     """Full topic names, each carrying the configured prefix."""
@@ -24,20 +49,34 @@ class Topics:
     rejected: str
     notices: str
     deliveries: str
-    retries: str
     outcomes: str
     acks: str
     audit: str
+    channels: str
+    retry_tiers: tuple[tuple[int, str], ...]
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Topics:
         """Topic names for ``settings.topic_prefix``."""
         p = settings.topic_prefix
-        return cls(**{name: f"{p}{name}" for name in cls.__dataclass_fields__})
+        names = {n: f"{p}{n}" for n in cls.__dataclass_fields__ if n != "retry_tiers"}
+        tiers = tuple((t, f"{p}{tier_name(t)}") for t in RETRY_TIERS)
+        return cls(**names, retry_tiers=tiers)  # type: ignore[arg-type]
 
     def all(self) -> list[str]:
         """Every topic name."""
-        return [getattr(self, name) for name in self.__dataclass_fields__]
+        plain = [getattr(self, n) for n in self.__dataclass_fields__ if n != "retry_tiers"]
+        return plain + [name for _, name in self.retry_tiers]
+
+
+def _topic_config(name: str, topics: Topics) -> dict[str, str]:
+    if name == topics.audit:
+        # The audit topic is the source of truth: never deleted by age.
+        return {"retention.ms": "-1"}
+    if name == topics.channels:
+        # The latest state of each channel is all that matters.
+        return {"cleanup.policy": "compact"}
+    return {}
 
 
 async def ensure_topics(settings: Settings, *, timeout: float = 30.0) -> list[str]:
@@ -57,10 +96,9 @@ async def ensure_topics(settings: Settings, *, timeout: float = 30.0) -> list[st
             new = [
                 NewTopic(
                     name=t,
-                    num_partitions=settings.partitions,
+                    num_partitions=1 if t == topics.channels else settings.partitions,
                     replication_factor=settings.replication_factor,
-                    # The audit topic is the source of truth: it is never deleted by age.
-                    topic_configs={"retention.ms": "-1"} if t == topics.audit else {},
+                    topic_configs=_topic_config(t, topics),
                 )
                 for t in wanted
             ]

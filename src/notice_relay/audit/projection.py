@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 _EVENT_STATE: dict[AuditType, DeliveryState] = {
     AuditType.DELIVERY_PLANNED: DeliveryState.PLANNED,
     AuditType.DELIVERY_SKIPPED: DeliveryState.SKIPPED,
+    AuditType.DELIVERY_HELD: DeliveryState.HELD,
     AuditType.DELIVERY_ATTEMPTED: DeliveryState.SENDING,
     AuditType.DELIVERY_RETRY_SCHEDULED: DeliveryState.RETRY_SCHEDULED,
     AuditType.DELIVERY_DELIVERED: DeliveryState.DELIVERED,

@@ -16,18 +16,22 @@ from notice_relay.channels.base import (
     parse_retry_after,
 )
 from notice_relay.channels.mock import MockChannel
+from notice_relay.channels.registry import RegistryChannel
 from notice_relay.channels.webhook import WebhookChannel
 from notice_relay.connectors import (
     ChannelConfig,
     Developer,
+    RegistryChannelConfig,
     WebhookChannelConfig,
     resolve_secret,
+    resolve_token,
 )
 from notice_relay.errors import ConfigError
 
 __all__ = [
     "Channel",
     "MockChannel",
+    "RegistryChannel",
     "StatusVerdict",
     "WebhookChannel",
     "build_channel",
@@ -50,6 +54,9 @@ def build_channel(
     if isinstance(config, WebhookChannelConfig):
         secrets = resolve_secret(config, developer.id, environ=environ)
         return WebhookChannel(developer, config, secrets)
+    if isinstance(config, RegistryChannelConfig):
+        token = resolve_token(config, developer.id, environ=environ)
+        return RegistryChannel(developer, config, token)
     raise ConfigError(
         f"developer {developer.id!r}, channel {config.name!r}: "
         f"{config.type} channels have no sender yet"

@@ -158,7 +158,8 @@ def outcome_from_status(
     if detail:
         error = f"{error}: {detail}"
     if verdict.kind is OutcomeKind.TRANSIENT:
-        return Outcome.transient(task, error, retry_after=verdict.retry_after, **common)
+        return Outcome.transient(task, error, retry_after=verdict.retry_after,
+                                 slow_down=status == 429, **common)
     return Outcome.permanent(task, error, disable_channel=verdict.disable_channel, **common)
 
 
@@ -173,7 +174,8 @@ def outcome_from_error(
         "status_code": error.status_code,
     }
     if error.retriable:
-        return Outcome.transient(task, str(error), retry_after=error.retry_after, **common)
+        return Outcome.transient(task, str(error), retry_after=error.retry_after,
+                                 slow_down=error.slow_down, **common)
     return Outcome.permanent(task, str(error), **common)
 
 

@@ -2,9 +2,12 @@
 
 Each attempt sends the notice's exact JSON bytes, signed afresh (a new
 ``webhook-timestamp``) under the stable ``webhook-id`` = ``delivery_id``, so receivers
-deduplicate retries and replays. Redirects are not followed. Every exception an
-attempt can raise is turned into an outcome by :func:`translate_error`, the one place
-where httpx errors are interpreted.
+deduplicate retries and replays. Redirects are not followed. Every connection goes
+through the SSRF guard (:mod:`notice_relay.netguard`): a private, loopback or
+link-local address is refused at connect time unless the connector sets
+``allow_private = true``. Every exception an attempt can raise is turned into an
+outcome by :func:`translate_error`, the one place where httpx errors are interpreted
+(the registry channel uses it too).
 """
 
 from __future__ import annotations
@@ -30,12 +33,14 @@ from notice_relay.channels.base import (
 )
 from notice_relay.connectors import Developer, WebhookChannelConfig
 from notice_relay.errors import (
+    ChannelTimeout,
     ChannelError,
     ConfigError,
     PermanentChannelError,
     TransientChannelError,
 )
 from notice_relay.models import DeliveryTask, Outcome, OutcomeKind
+from notice_relay.netguard import guarded_transport
 from notice_relay.signing import decode_secret, webhook_headers
 
 __all__ = ["WebhookChannel", "translate_error"]
@@ -76,7 +81,7 @@ def translate_error(exc: Exception, timeout: float) -> ChannelError:
         return exc
     if isinstance(exc, TimeoutError | httpx.TimeoutException):
         phase = _TIMEOUT_PHASES.get(type(exc)) if isinstance(exc, httpx.TimeoutException) else None
-        return TransientChannelError(
+        return ChannelTimeout(
             f"timed out after {timeout:g}s" + (f" while {phase}" if phase else "")
         )
     if isinstance(exc, httpx.UnsupportedProtocol | httpx.InvalidURL | httpx.LocalProtocolError):
@@ -88,21 +93,24 @@ def translate_error(exc: Exception, timeout: float) -> ChannelError:
         return TransientChannelError(f"connection lost: {_describe(exc)}")
     if isinstance(exc, httpx.HTTPError | httpx.StreamError):
         return TransientChannelError(f"HTTP error: {_describe(exc)}")
-    log.error("webhook.unexpected_error", exc_info=exc)
+    log.error("channel.unexpected_error", exc_info=exc)
     return TransientChannelError(f"internal error: {type(exc).__name__}: {_describe(exc)}")
 
 
 def _make_client(config: WebhookChannelConfig) -> httpx.AsyncClient:
+    # The pool matches the in-flight bound: every concurrent attempt has a connection,
+    # and idle ones are kept for the next batch.
+    limits = httpx.Limits(
+        max_connections=config.max_in_flight,
+        max_keepalive_connections=config.max_in_flight,
+        keepalive_expiry=KEEPALIVE_EXPIRY,
+    )
     return httpx.AsyncClient(
+        # Every connection goes through the SSRF guard (netguard): the address
+        # connected to is checked, unless the connector allows private addresses.
+        transport=guarded_transport(allow_private=config.allow_private, limits=limits),
         follow_redirects=False,
         timeout=httpx.Timeout(config.timeout.total_seconds()),
-        # The pool matches the in-flight bound: every concurrent attempt has a
-        # connection, and idle ones are kept for the next batch.
-        limits=httpx.Limits(
-            max_connections=config.max_in_flight,
-            max_keepalive_connections=config.max_in_flight,
-            keepalive_expiry=KEEPALIVE_EXPIRY,
-        ),
         # No proxies or .netrc credentials from the environment: a signed notice goes
         # straight to the configured URL, and no local credential is ever sent with it.
         trust_env=False,
@@ -144,7 +152,8 @@ class WebhookChannel:
     Tasks of a batch are sent concurrently, at most ``config.max_in_flight`` at once
     (and at most ``config.rate_limit`` starts per second when set). The channel owns
     its :class:`httpx.AsyncClient` unless one is passed in; close it with
-    :meth:`aclose` or ``async with``.
+    :meth:`aclose` or ``async with``. An injected client brings its own address guard
+    (build its transport with :func:`notice_relay.netguard.guarded_transport`).
     """
 
     def __init__(
