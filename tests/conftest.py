@@ -134,7 +134,8 @@ class WorkerProcess:
         """Start the process (it creates its topics first)."""
         fh = self.log.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "notice_relay", "worker", "--loglevel", "warning"],
+            [sys.executable, "-m", "notice_relay", "worker", "--loglevel",
+             os.environ.get("NOTICE_RELAY_TEST_WORKER_LOGLEVEL", "warning")],
             env=self.env.environ(), cwd=self.env.root, stdout=fh, stderr=subprocess.STDOUT,
             start_new_session=True,
         )

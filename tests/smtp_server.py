@@ -1,10 +1,19 @@
 """A real SMTP server for tests: aiosmtpd on 127.0.0.1 (a free port), its certificate
 issued by a test CA (trustme), AUTH required with a fixed username and password.
 
-Import the fixtures into a test module (tests/ has no package, pytest puts it on
-``sys.path``)::
+Load this module as a plugin in a test module (tests/ has no package; pytest puts it
+on ``sys.path``), which makes its fixtures available without importing them by name
+(an imported fixture would be shadowed by the test's parameter of the same name)::
 
-    from smtp_server import SmtpServer, smtp_server  # noqa: F401  (pytest fixture)
+    from typing import TYPE_CHECKING
+
+    if TYPE_CHECKING:
+        from smtp_server import SmtpServer
+
+    pytest_plugins = ["smtp_server"]
+
+Import nothing from it at run time in such a module: a module imported before pytest
+registers it as a plugin cannot have its asserts rewritten (pytest refuses that).
 
     async def test_x(smtp_server: SmtpServer) -> None:
         channel = EmailChannel(developer, config, smtp_server.settings())
@@ -12,7 +21,8 @@ Import the fixtures into a test module (tests/ has no package, pytest puts it on
         [message] = smtp_server.messages          # bytes + envelope, as received
 
 Fixtures: ``smtp_server`` (STARTTLS required, then AUTH), ``smtps_server`` (implicit
-TLS, then AUTH), ``smtp_ca_file`` (the CA certificate, PEM). Each server lives for one
+TLS, then AUTH), ``plain_smtp_server`` (no TLS, no AUTH: a local relay),
+``smtp_ca_file`` (the CA certificate, PEM). Each server lives for one
 test; the CA lives for the whole run. For a worker started as a process, pass
 ``smtp_server.environ()`` (the ``NOTICE_RELAY_SMTP_*`` variables) in its environment.
 
@@ -24,6 +34,7 @@ an address.
 
 from __future__ import annotations
 
+import asyncio
 import email
 import email.policy
 import functools
@@ -53,6 +64,7 @@ __all__ = [
     "ReceivedMessage",
     "SmtpHandler",
     "SmtpServer",
+    "plain_smtp_server",
     "run_smtp_server",
     "smtp_ca_file",
     "smtp_server",
@@ -60,7 +72,7 @@ __all__ = [
 ]
 
 TEST_USERNAME = "relay-test"
-TEST_PASSWORD = "correct horse battery staple"  # noqa: S105 -- a test server's password
+TEST_PASSWORD = "correct horse battery staple"
 TEST_FROM = "notice-relay <relay@relay.example.invalid>"
 _HOST = "127.0.0.1"
 
@@ -122,7 +134,7 @@ class SmtpHandler:
         with self._lock:
             self._rcpt_replies[address.lower()] = reply
 
-    async def handle_MAIL(  # noqa: N802 -- aiosmtpd's hook name
+    async def handle_MAIL(
         self, server: SMTP, session: Session, envelope: Envelope, address: str,
         mail_options: list[str],
     ) -> str:
@@ -133,7 +145,7 @@ class SmtpHandler:
         envelope.mail_options.extend(mail_options)
         return "250 OK"
 
-    async def handle_RCPT(  # noqa: N802 -- aiosmtpd's hook name
+    async def handle_RCPT(
         self, server: SMTP, session: Session, envelope: Envelope, address: str,
         rcpt_options: list[str],
     ) -> str:
@@ -145,7 +157,7 @@ class SmtpHandler:
         envelope.rcpt_tos.append(address)
         return "250 OK"
 
-    async def handle_DATA(  # noqa: N802 -- aiosmtpd's hook name
+    async def handle_DATA(
         self, server: SMTP, session: Session, envelope: Envelope
     ) -> str:
         """Store the message, or answer the next scripted reply instead."""
@@ -161,7 +173,9 @@ class SmtpHandler:
                 mail_from=envelope.mail_from or "",
                 rcpt_tos=tuple(envelope.rcpt_tos),
                 authenticated_as=login.decode() if login else None,
-                tls=session.ssl is not None,
+                # session.ssl is set by STARTTLS only; the transport knows both kinds.
+                tls=server.transport is not None
+                and server.transport.get_extra_info("ssl_object") is not None,
             ))
             return f"250 2.0.0 Ok: queued as Q{next(self._queue_ids):06d}"
 
@@ -174,7 +188,8 @@ def _authenticate(
         and auth_data.login == TEST_USERNAME.encode()
         and auth_data.password == TEST_PASSWORD.encode()
     )
-    return AuthResult(success=ok, auth_data=auth_data if ok else None)
+    # handled=False: aiosmtpd then answers a failure itself (535).
+    return AuthResult(success=ok, handled=False, auth_data=auth_data if ok else None)
 
 
 class _Controller(Controller):
@@ -182,9 +197,9 @@ class _Controller(Controller):
     read back before the controller connects to its own server."""
 
     def _trigger_server(self) -> None:
-        assert self.server is not None
+        assert isinstance(self.server, asyncio.Server)
         self.port = self.server.sockets[0].getsockname()[1]
-        super()._trigger_server()
+        super()._trigger_server()  # type: ignore[no-untyped-call]
 
 
 @dataclass
@@ -198,6 +213,7 @@ class SmtpServer:
     handler: SmtpHandler
     username: str = TEST_USERNAME
     password: str = field(default=TEST_PASSWORD, repr=False)
+    from_address: str = TEST_FROM
 
     @property
     def messages(self) -> list[ReceivedMessage]:
@@ -213,26 +229,32 @@ class SmtpServer:
         self.handler.refuse_recipient(address, reply)
 
     def settings(self, **overrides: Any) -> SmtpSettings:
-        """Client settings for this server (its CA, its credentials), with overrides."""
+        """Client settings for this server (its CA; its credentials unless it speaks
+        plain text), with overrides."""
+        plain = self.tls == "none"
         settings = SmtpSettings(
-            host=self.host, port=self.port, tls=TlsMode(self.tls), from_address=TEST_FROM,
-            username=self.username, password=self.password, ca_file=self.ca_file,
-            helo_name="relay.example.invalid",
+            host=self.host, port=self.port, tls=TlsMode(self.tls),
+            from_address=self.from_address,
+            username=None if plain else self.username,
+            password=None if plain else self.password,
+            ca_file=self.ca_file, helo_name="relay.example.invalid",
         )
         return replace(settings, **overrides)
 
     def environ(self) -> dict[str, str]:
         """The ``NOTICE_RELAY_SMTP_*`` variables a worker process needs for this server."""
-        return {
+        env = {
             "NOTICE_RELAY_SMTP_HOST": self.host,
             "NOTICE_RELAY_SMTP_PORT": str(self.port),
             "NOTICE_RELAY_SMTP_TLS": self.tls,
-            "NOTICE_RELAY_SMTP_USERNAME": self.username,
-            "NOTICE_RELAY_SMTP_PASSWORD": self.password,
-            "NOTICE_RELAY_SMTP_FROM": TEST_FROM,
+            "NOTICE_RELAY_SMTP_FROM": self.from_address,
             "NOTICE_RELAY_SMTP_CA_FILE": str(self.ca_file),
             "NOTICE_RELAY_SMTP_HELO_NAME": "relay.example.invalid",
         }
+        if self.tls != "none":
+            env["NOTICE_RELAY_SMTP_USERNAME"] = self.username
+            env["NOTICE_RELAY_SMTP_PASSWORD"] = self.password
+        return env
 
 
 @functools.cache
@@ -306,4 +328,11 @@ def smtp_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SmtpServer
 def smtps_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SmtpServer]:
     """An SMTP server on 127.0.0.1 speaking implicit TLS (SMTPS), AUTH required."""
     with run_smtp_server(_ca_path(tmp_path_factory), tls="tls") as server:
+        yield server
+
+
+@pytest.fixture
+def plain_smtp_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SmtpServer]:
+    """An SMTP server on 127.0.0.1 without TLS or AUTH (a local relay), for one test."""
+    with run_smtp_server(_ca_path(tmp_path_factory), tls="none", require_auth=False) as server:
         yield server

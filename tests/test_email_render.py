@@ -286,7 +286,8 @@ def test_subject_has_no_user_text() -> None:
     notice's text."""
     task = _task(artist=_artist(display_name=HOSTILE))
     assert subject([task], "Acme AI") == "[notice-relay] 1 AI opt-out notice for Acme AI"
-    assert subject([task], "Acme\r\nBcc: x") == "[notice-relay] 1 AI opt-out notice for Acme  Bcc: x"
+    injected = subject([task], "Acme\r\nBcc: x")
+    assert injected == "[notice-relay] 1 AI opt-out notice for Acme  Bcc: x"
 
 
 # ---------------------------------------------------------------------------- splitting

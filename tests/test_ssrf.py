@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import ipaddress
 import json
 import os
@@ -59,7 +60,8 @@ def tripwire(monkeypatch: pytest.MonkeyPatch) -> Tripwire:
     original = httpcore.AnyIOBackend.connect_tcp
 
     async def connect_tcp(
-        self: httpcore.AnyIOBackend, host: str, port: int, timeout: float | None = None,
+        self: httpcore.AnyIOBackend, host: str, port: int,
+        timeout: float | None = None,  # noqa: ASYNC109 (httpcore's backend interface)
         local_address: str | None = None, socket_options: Iterable[Any] | None = None,
     ) -> httpcore.AsyncNetworkStream:
         wire.attempts.append(host)
@@ -100,6 +102,7 @@ class CountingServer:
             body = await reader.readexactly(int(headers.get("content-length", "0")))
             self.requests.append((headers, body))
             document = json.loads(body)
+            answer: dict[str, Any]
             if "items" in document:
                 answer = {"results": [{"id": item["id"], "status": "accepted",
                                        "receipt": f"r-{item['id']}"} for item in document["items"]]}
@@ -115,10 +118,8 @@ class CountingServer:
             pass
         finally:
             writer.close()
-            try:
+            with contextlib.suppress(ConnectionError, ssl.SSLError):
                 await writer.wait_closed()
-            except (ConnectionError, ssl.SSLError):
-                pass
 
 
 async def _serve(host: str, ssl_context: ssl.SSLContext | None = None) -> tuple[
@@ -238,7 +239,7 @@ async def test_ipv6_loopback_is_refused_and_nothing_connects(
         ("http://[fe80::1]/", "fe80::1", "link-local"),
         ("http://[fc00::5]/", "fc00::5", "private"),
         ("http://[::ffff:10.0.0.1]/", "::ffff:10.0.0.1", "private"),
-        ("http://0.0.0.0/", "0.0.0.0", "unspecified"),  # noqa: S104 (a URL, not a bind)
+        ("http://0.0.0.0/", "0.0.0.0", "unspecified"),
         ("http://224.0.0.1/", "224.0.0.1", "multicast"),
     ],
 )
@@ -382,7 +383,8 @@ class _RecordingBackend(httpcore.AsyncNetworkBackend):
         self.hosts: list[str] = []
 
     async def connect_tcp(
-        self, host: str, port: int, timeout: float | None = None,
+        self, host: str, port: int,
+        timeout: float | None = None,  # noqa: ASYNC109 (httpcore's backend interface)
         local_address: str | None = None, socket_options: Iterable[Any] | None = None,
     ) -> httpcore.AsyncNetworkStream:
         self.hosts.append(host)
@@ -444,7 +446,7 @@ async def _tls_registry_outcome(
     server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ca.issue_cert(cert_name).configure_cert(server_ctx)
     sni: list[str | None] = []
-    server_ctx.sni_callback = lambda _sock, name, _ctx: sni.append(name)  # type: ignore[assignment,func-returns-value]
+    server_ctx.sni_callback = lambda _sock, name, _ctx: sni.append(name)
     server, srv = await _serve("127.0.0.1", server_ctx)
     client_ctx = ssl.create_default_context()
     ca.configure_trust(client_ctx)

@@ -428,8 +428,8 @@ def test_bad_secrets_fail_at_construction() -> None:
 
 
 async def test_build_channel_resolves_the_secret() -> None:
-    """build_channel reads the secret from the environment; email/registry have no
-    sender yet; a missing secret is a ConfigError."""
+    """build_channel reads the secret from the environment; a missing secret (or, for
+    email, missing SMTP settings) is a ConfigError."""
     developer, config = _developer("http://127.0.0.1:9/")
     ch = build_channel(developer, config, environ={"ACME_SECRET": SECRET})
     assert isinstance(ch, WebhookChannel)
@@ -440,8 +440,8 @@ async def test_build_channel_resolves_the_secret() -> None:
         "id": "x", "name": "X", "accepts": ["train-ai"],
         "channel": [{"type": "email", "to": ["a@b.example.invalid"]}],
     })
-    with pytest.raises(ConfigError, match="email channels have no sender yet"):
-        build_channel(email, email.channels[0])
+    with pytest.raises(ConfigError, match="NOTICE_RELAY_SMTP_HOST is not set"):
+        build_channel(email, email.channels[0], environ={})
 
 
 # ------------------------------------------------------- no exception escapes (one place)

@@ -193,12 +193,8 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> faust.App:
     versions = app.Table("artist-versions", default=int, partitions=parts)
 
     retry_topics = {seconds: _raw_topic(app, name, parts) for seconds, name in topics.retry_tiers}
-    t_channels = _raw_topic(app, topics.channels, 1)
-    states = ChannelStates(settings)
+    states = ChannelStates(rt.store)
     rt.states = states
-
-    async def send_channel_state(key: str, value: bytes) -> object:
-        return await t_channels.send(key=key.encode(), value=value)
 
     async def schedule(task: DeliveryTask, due: datetime) -> Any:
         """Put a task in the retry tier for its remaining wait (durable, in Kafka)."""
@@ -225,7 +221,7 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> faust.App:
 
     @app.task
     async def load_channel_states() -> None:
-        await states.start()
+        states.start()
 
     @app.agent(t_declarations, name="normalize")
     async def normalize_agent(stream: faust.StreamT[bytes]) -> AsyncIterator[None]:
@@ -241,17 +237,23 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> faust.App:
                 continue
             version = versions[decl.artist_key] + 1
             notice = normalize(decl, relayed_at=now, version=version)
+            source = f"{event.message.topic}:{event.message.partition}:{event.message.offset}"
             first = seen.get(decl.declaration_key)
             if first is not None:
+                first_fp, first_source = (first.split("@", 1) + [""])[:2]
+                if first_source == source:
+                    # The same message read again after a crash: its notice is already
+                    # on the broker (it was marked seen only after that). Not a duplicate.
+                    continue
                 log.info("declaration.duplicate", declaration=decl.declaration_key)
-                await send_out(duplicate(decl, notice.fingerprint, first, now))
+                await send_out(duplicate(decl, notice.fingerprint, first_fp, now))
                 continue
             futs = await send_out(accept(decl, notice, now))
             # Mark the declaration seen only once its notice is on the broker: a crash
             # in between relays it again (harmless: delivery ids are stable) rather than
             # never.
             await asyncio.gather(*futs)
-            seen[decl.declaration_key] = notice.fingerprint
+            seen[decl.declaration_key] = f"{notice.fingerprint}@{source}"
             versions[decl.artist_key] = version
             yield None
 
@@ -276,6 +278,9 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> faust.App:
             value=OutcomeRecord(task=task, outcome=outcome).model_dump_json().encode(),
         )
         await deliver_stream[0].ack(event)
+        log.debug("deliver.acked", delivery_id=task.delivery_id, attempt=task.attempt,
+                  outcome=outcome.kind.value, partition=event.message.partition,
+                  offset=event.message.offset)
 
     lanes: dict[tuple[str, str], Lane[Any]] = {}
 
@@ -295,7 +300,7 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> faust.App:
         # order the lanes finish; Faust commits up to the first one still in flight.
         s = stream.noack()
         deliver_stream[:] = [s]
-        await states.ready.wait()
+        await states.wait_ready()
         async for event in s.events():
             try:
                 task = DeliveryTask.model_validate_json(event.value)
@@ -304,6 +309,8 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> faust.App:
                 await s.ack(event)
                 continue
             key = (task.developer_id, task.channel)
+            log.debug("deliver.task", delivery_id=task.delivery_id, attempt=task.attempt,
+                      partition=event.message.partition, offset=event.message.offset)
             lane = lane_for(key)
             if lane is None:
                 await report(event, task, Outcome.permanent(
@@ -333,7 +340,7 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> faust.App:
 
     @app.agent(t_outcomes, name="outcomes")
     async def outcomes_agent(stream: faust.StreamT[bytes]) -> AsyncIterator[None]:
-        await states.ready.wait()
+        await states.wait_ready()
         async for batch in stream.take(500, within=0.05):
             for raw in batch:
                 try:
@@ -347,12 +354,11 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> faust.App:
                 health = states.get(task.developer_id, task.channel)
                 changed = after_outcome(health, outcome, now=utcnow(),
                                         disable_after=settings.disable_after)
-                if changed is not None:
-                    await states.put(changed, send_channel_state)
-                    if health.enabled and not changed.enabled:
-                        log.warning("channel.disabled", developer=changed.developer_id,
-                                    channel=changed.channel, reason=changed.reason)
-                        await send_out(Out(audit=[channel_event(changed, outcome.attempted_at)]))
+                if changed is not None and health.enabled and not changed.enabled:
+                    states.set_local(changed)
+                    log.warning("channel.disabled", developer=changed.developer_id,
+                                channel=changed.channel, reason=changed.reason)
+                    await send_out(Out(audit=[channel_event(changed, outcome.attempted_at)]))
             yield None
 
     def make_tier_agent(seconds: int, topic: Any) -> None:
@@ -370,6 +376,8 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> faust.App:
                 if wait > 0:
                     await asyncio.sleep(wait)
                 due = task.not_before or utcnow()
+                log.debug("retry.tier", tier=seconds, delivery_id=task.delivery_id,
+                          attempt=task.attempt, due=due.isoformat())
                 if (due - utcnow()).total_seconds() > 0.05:
                     await schedule(task, due)
                 else:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -198,14 +199,46 @@ def cmd_connectors_check(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_receiver(args: argparse.Namespace, settings: Settings) -> int:
     """Run the reference webhook receiver."""
-    import os
-
     from notice_relay.receiver import serve_forever
 
     secret = os.environ.get(args.secret_env)
     if not secret:
         raise ConfigError(f"environment variable {args.secret_env} (the webhook secret) is not set")
     asyncio.run(serve_forever(secret.split()[0], args.port, Path(args.record) if args.record else None))
+    return 0
+
+
+def cmd_channels_list(args: argparse.Namespace, settings: Settings) -> int:
+    """Every configured channel with its health."""
+    from notice_relay.operations import channel_overview
+
+    rows = asyncio.run(channel_overview(settings))
+    if args.json:
+        sys.stdout.write(json.dumps({"channels": rows}, indent=2, default=str) + "\n")
+        return 0
+    t = Table(title="channels", title_justify="left")
+    for col in ("channel", "type", "state", "last success", "failing since", "reason / last error"):
+        t.add_column(col)
+    for r in rows:
+        state = r["state"]
+        style = {"enabled": "green", "failing": "yellow"}.get(state, "red")
+        t.add_row(r["key"], r["type"], f"[{style}]{state}[/]", r["last_success_at"] or "-",
+                  r["failing_since"] or "-", (r["reason"] or r["last_error"] or "")[:70])
+    out.print(t)
+    return 0
+
+
+def cmd_channels_set(args: argparse.Namespace, settings: Settings) -> int:
+    """Enable or disable a channel, as an operator (audited)."""
+    from notice_relay.operations import set_channel
+
+    enabled = args.channels_command == "enable"
+    h = asyncio.run(set_channel(settings, args.channel, enabled=enabled, operator=args.operator,
+                                reason=args.reason))
+    if args.json:
+        sys.stdout.write(h.model_dump_json() + "\n")
+    else:
+        out.print(f"{h.key}: {'enabled' if h.enabled else 'disabled'} by {h.changed_by}")
     return 0
 
 
@@ -243,6 +276,20 @@ def build_parser() -> argparse.ArgumentParser:
     cc.add_argument("--publishers", help="publisher registry file")
     cc.add_argument("--json", action="store_true")
     cc.set_defaults(func=cmd_connectors_check)
+
+    ch = sub.add_parser("channels", help="channel health; disable and enable channels")
+    chsub = ch.add_subparsers(dest="channels_command", required=True, metavar="COMMAND")
+    cl = chsub.add_parser("list", help="every channel with its health")
+    cl.add_argument("--json", action="store_true")
+    cl.set_defaults(func=cmd_channels_list)
+    for verb in ("enable", "disable"):
+        cv = chsub.add_parser(verb, help=f"{verb} a channel (DEVELOPER/CHANNEL)")
+        cv.add_argument("channel", metavar="DEVELOPER/CHANNEL")
+        cv.add_argument("--operator", default=os.environ.get("USER") or "operator",
+                        help="who does it (recorded in the audit trail)")
+        cv.add_argument("--reason", help="why (recorded in the audit trail)")
+        cv.add_argument("--json", action="store_true")
+        cv.set_defaults(func=cmd_channels_set)
 
     r = sub.add_parser("receiver", help="run the reference webhook receiver (verifies signatures)")
     r.add_argument("--port", type=int, default=8081)

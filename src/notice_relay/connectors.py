@@ -201,7 +201,7 @@ class WebhookChannelConfig(_Config):
     allow_private: bool = Field(
         default=False,
         description="Allow private, loopback and link-local addresses (dev/test only). "
-        "Reserved for the connect-time address check.",
+        "Checked at connect time on the address connected to (notice_relay.netguard).",
     )
     rate_limit: float | None = Field(default=None, gt=0, description="Requests per second.")
     retry_schedule: RetrySchedule | None = None
@@ -232,9 +232,12 @@ class WebhookChannelConfig(_Config):
 
 
 class EmailChannelConfig(_Config):
-    """An opt-out mailbox; notices are sent one by one or as a digest.
+    """An opt-out mailbox; notices are sent one by one or as a digest
+    (:mod:`notice_relay.channels.email`).
 
-    Only validated for now: the sender comes with the email channel.
+    Only the recipients and the digest are the developer's: the SMTP server, sender
+    address and credentials are the operator's (``NOTICE_RELAY_SMTP_*``, see
+    :class:`notice_relay.channels.email.SmtpSettings`), never in this file.
     """
 
     type: Literal["email"]
@@ -252,10 +255,8 @@ class EmailChannelConfig(_Config):
 
 
 class RegistryChannelConfig(_Config):
-    """A do-not-train registry reached through an adapter.
-
-    Only validated for now: the adapters come with the registry channel.
-    """
+    """A do-not-train registry reached through an adapter
+    (:mod:`notice_relay.channels.registry`)."""
 
     type: Literal["registry"]
     name: ChannelName = "registry"

@@ -30,6 +30,7 @@ class Received:
     notice: dict[str, Any] | None
     received_at: float
     error: str | None = None
+    status: int = 200
 
 
 @dataclass
@@ -40,12 +41,21 @@ class ReceiverState:
     received: list[Received] = field(default_factory=list)
     ids: set[str] = field(default_factory=set)
     record: Path | None = None
-    #: Status to answer with instead of 200 (tests make a receiver fail with it).
+    #: Status to answer with instead of 200 (tests make a receiver fail with it)...
     fail_with: int | None = None
+    #: ...for only the first N requests of each webhook-id (0 = always, while set).
+    fail_first: int = 0
+    #: A Retry-After header sent with failures.
+    retry_after: str | None = None
+    #: Seconds to wait before answering (a slow receiver).
+    delay: float = 0.0
+    #: Arrival times of each webhook-id's requests (verified or not).
+    arrivals: dict[str, list[float]] = field(default_factory=dict)
 
     def notices(self) -> list[dict[str, Any]]:
         """Verified, first-seen notices."""
-        return [r.notice for r in self.received if r.verified and not r.duplicate and r.notice]
+        return [r.notice for r in self.received
+                if r.status == 200 and not r.duplicate and r.notice]
 
 
 def make_app(state: ReceiverState) -> web.Application:
@@ -56,26 +66,35 @@ def make_app(state: ReceiverState) -> web.Application:
         body = await request.read()
         headers = {k.lower(): v for k, v in request.headers.items()}
         wid = headers.get("webhook-id", "")
+        state.arrivals.setdefault(wid, []).append(time.time())
+        if state.delay:
+            await asyncio.sleep(state.delay)
         try:
             payload = wh.verify(body, headers)
             verified, error = True, None
         except WebhookVerificationError as exc:
             payload, verified, error = None, False, str(exc)
-        dup = verified and wid in state.ids
+        failing = verified and state.fail_with is not None and (
+            state.fail_first == 0 or len(state.arrivals[wid]) <= state.fail_first
+        )
+        status = 401 if not verified else (state.fail_with or 500) if failing else 200
+        dup = status == 200 and wid in state.ids
         rec = Received(webhook_id=wid, verified=verified, duplicate=dup,
                        notice=payload if isinstance(payload, dict) else None,
-                       received_at=time.time(), error=error)
+                       received_at=time.time(), error=error, status=status)
         state.received.append(rec)
         if state.record is not None:
             with state.record.open("a", encoding="utf-8") as fh:
                 fh.write(json.dumps({
-                    "webhook_id": wid, "verified": verified, "duplicate": dup,
+                    "webhook_id": wid, "verified": verified, "duplicate": dup, "status": status,
                     "received_at": rec.received_at, "error": error, "notice": rec.notice,
                 }) + "\n")
         if not verified:
             return web.json_response({"error": "signature does not verify"}, status=401)
-        if state.fail_with is not None:
-            return web.json_response({"error": "failing on purpose"}, status=state.fail_with)
+        if failing:
+            hdrs = {"Retry-After": state.retry_after} if state.retry_after else None
+            return web.json_response({"error": "failing on purpose"}, status=status,
+                                     headers=hdrs)
         state.ids.add(wid)
         return web.json_response({"receipt": f"rcpt-{wid}", "duplicate": dup})
 

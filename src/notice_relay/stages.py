@@ -203,7 +203,7 @@ def on_outcome(
         out.audit.append(audit_event(
             AuditType.DELIVERY_DELIVERED, key, unique=(outcome.attempt,),
             data={"attempt": outcome.attempt, "receipt": outcome.receipt,
-                  "status_code": outcome.status_code},
+                  "status_code": outcome.status_code, "channel": task.channel},
             **common,  # type: ignore[arg-type]
         ))
         return out
@@ -212,6 +212,9 @@ def on_outcome(
         floor = outcome.retry_after
         if outcome.slow_down:
             floor = max(floor or 0.0, slow_down_floor.total_seconds())
+        # Jitter drawn from the delivery and attempt: an outcome processed twice (after
+        # a crash) schedules its retry for the same moment, and audits the same event.
+        rng = rng or random.Random(f"{task.delivery_id}:{outcome.attempt}")
         delay = retry_delay(outcome.attempt, schedule, retry_after=floor, rng=rng)
     if delay is None:
         why = outcome.error or "failed"
@@ -219,7 +222,9 @@ def on_outcome(
             why = f"attempts exhausted ({outcome.attempt}); last error: {why}"
         out.audit.append(audit_event(
             AuditType.DELIVERY_FAILED, key, unique=(outcome.attempt,),
-            data={"attempt": outcome.attempt, "error": why, "status_code": outcome.status_code},
+            data={"attempt": outcome.attempt, "error": why, "status_code": outcome.status_code,
+                  "channel": task.channel,
+                  "transient": outcome.kind is OutcomeKind.TRANSIENT},
             **common,  # type: ignore[arg-type]
         ))
         return out
@@ -229,7 +234,8 @@ def on_outcome(
         AuditType.DELIVERY_RETRY_SCHEDULED, key, unique=(outcome.attempt,),
         data={"attempt": outcome.attempt, "next_attempt": outcome.attempt + 1,
               "next_attempt_at": due.isoformat(), "error": outcome.error,
-              "status_code": outcome.status_code, "retry_after": outcome.retry_after},
+              "status_code": outcome.status_code, "retry_after": outcome.retry_after,
+              "channel": task.channel, "transient": True},
         **common,  # type: ignore[arg-type]
     ))
     return out

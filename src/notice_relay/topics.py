@@ -52,7 +52,6 @@ class Topics:
     outcomes: str
     acks: str
     audit: str
-    channels: str
     retry_tiers: tuple[tuple[int, str], ...]
 
     @classmethod
@@ -73,9 +72,6 @@ def _topic_config(name: str, topics: Topics) -> dict[str, str]:
     if name == topics.audit:
         # The audit topic is the source of truth: never deleted by age.
         return {"retention.ms": "-1"}
-    if name == topics.channels:
-        # The latest state of each channel is all that matters.
-        return {"cleanup.policy": "compact"}
     return {}
 
 
@@ -96,7 +92,7 @@ async def ensure_topics(settings: Settings, *, timeout: float = 30.0) -> list[st
             new = [
                 NewTopic(
                     name=t,
-                    num_partitions=1 if t == topics.channels else settings.partitions,
+                    num_partitions=settings.partitions,
                     replication_factor=settings.replication_factor,
                     topic_configs=_topic_config(t, topics),
                 )

@@ -60,6 +60,10 @@ def next_state(current: DeliveryState | None, event: AuditType) -> DeliveryState
     return target
 
 
+_CHANNEL_EVENTS = {AuditType.CHANNEL_DISABLED, AuditType.CHANNEL_ENABLED,
+                   AuditType.DELIVERY_DELIVERED, AuditType.DELIVERY_RETRY_SCHEDULED,
+                   AuditType.DELIVERY_FAILED}
+
 _DECLARATION_STATUS: dict[AuditType, str] = {
     AuditType.DECLARATION_RECEIVED: "received",
     AuditType.DECLARATION_REJECTED: "rejected",
@@ -67,11 +71,52 @@ _DECLARATION_STATUS: dict[AuditType, str] = {
 }
 
 
+async def _apply_channel(conn: AsyncConnection, store: AuditStore, e: AuditEvent) -> None:
+    """Channel health: enable/disable events, and the success/failure streak."""
+    from notice_relay.audit.store import channels
+
+    d = e.data
+    dev, name = e.developer_id, d.get("channel")
+    if not dev or not isinstance(name, str) or name in ("", "-"):
+        return
+    ins = store._insert(channels)
+    base = {"developer_id": dev, "channel": name, "enabled": True}
+    if e.type in (AuditType.CHANNEL_DISABLED, AuditType.CHANNEL_ENABLED):
+        enabled = e.type is AuditType.CHANNEL_ENABLED
+        values = {**base, "enabled": enabled, "reason": d.get("reason"), "changed_at": e.occurred_at,
+                  "changed_by": f"{e.actor.kind.value}:{e.actor.id}"}
+        update = {k: v for k, v in values.items() if k not in ("developer_id", "channel")}
+        if enabled:
+            values["failing_since"] = update["failing_since"] = None
+        await conn.execute(ins.on_conflict_do_update(
+            index_elements=[channels.c.developer_id, channels.c.channel], set_=update), [values])
+    elif e.type is AuditType.DELIVERY_DELIVERED:
+        values = {**base, "last_success_at": e.occurred_at, "failing_since": None}
+        await conn.execute(ins.on_conflict_do_update(
+            index_elements=[channels.c.developer_id, channels.c.channel],
+            set_={"last_success_at": e.occurred_at, "failing_since": None, "last_error": None}),
+            [values])
+    elif e.type in (AuditType.DELIVERY_RETRY_SCHEDULED, AuditType.DELIVERY_FAILED) and (
+        d.get("status_code") is not None or d.get("transient")
+    ):
+        err = d.get("error") if isinstance(d.get("error"), str) else None
+        values = {**base, "failing_since": e.occurred_at, "last_error": err}
+        await conn.execute(ins.on_conflict_do_update(
+            index_elements=[channels.c.developer_id, channels.c.channel],
+            set_={"failing_since": sa.func.coalesce(channels.c.failing_since, e.occurred_at),
+                  "last_error": err}),
+            [values])
+
+
 async def apply_event(conn: AsyncConnection, store: AuditStore, e: AuditEvent) -> None:
     """Update the current-state tables for one newly stored event."""
     from notice_relay.audit.store import declarations, deliveries
 
     d = e.data
+    if e.type in _CHANNEL_EVENTS:
+        await _apply_channel(conn, store, e)
+        if e.type in (AuditType.CHANNEL_DISABLED, AuditType.CHANNEL_ENABLED):
+            return
     status = _DECLARATION_STATUS.get(e.type)
     if status is not None:
         publisher_id, _, declaration_id = e.declaration_key.partition("/")

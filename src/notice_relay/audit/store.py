@@ -99,6 +99,21 @@ deliveries = sa.Table(
 )
 
 
+channels = sa.Table(
+    "channels",
+    metadata,
+    sa.Column("developer_id", sa.String(200), primary_key=True),
+    sa.Column("channel", sa.String(200), primary_key=True),
+    sa.Column("enabled", sa.Boolean, nullable=False, default=True),
+    sa.Column("reason", sa.Text),
+    sa.Column("changed_at", sa.DateTime(timezone=True)),
+    sa.Column("changed_by", sa.String(200)),
+    sa.Column("last_success_at", sa.DateTime(timezone=True)),
+    sa.Column("failing_since", sa.DateTime(timezone=True)),
+    sa.Column("last_error", sa.Text),
+)
+
+
 @dataclass(frozen=True)
 class StoredEvent:
     """An audit event as stored, with its place in the chain."""
@@ -418,6 +433,18 @@ class AuditStore:
                     problems.append(ChainProblem(key, seq, "every event of this declaration was removed"))
         return problems
 
+    async def channel_health(self) -> list[dict[str, Any]]:
+        """The recorded health of every channel that has any."""
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(sa.select(channels))).all()
+        out = []
+        for r in rows:
+            m = dict(r._mapping)
+            for k in ("changed_at", "last_success_at", "failing_since"):
+                m[k] = _aware(m[k])
+            out.append(m)
+        return out
+
     async def chain_heads(self) -> dict[str, tuple[int, str]]:
         """The head (seq, hash) of every declaration's chain."""
         async with self.engine.connect() as conn:
@@ -426,7 +453,7 @@ class AuditStore:
     async def truncate(self) -> None:
         """Remove every row (before a rebuild from the audit topic)."""
         async with self.engine.begin() as conn:
-            for table in (events, chain_heads, declarations, deliveries):
+            for table in (events, chain_heads, declarations, deliveries, channels):
                 await conn.execute(table.delete())
 
 

@@ -12,10 +12,11 @@ Every exception an attempt can raise becomes an outcome through :func:`translate
 the one place where aiosmtplib errors are interpreted:
 
 ====================================================  ==========
-SMTP 4xx reply (greeting, AUTH, MAIL, RCPT, DATA)     transient
+SMTP 4xx reply (greeting, AUTH, MAIL, RCPT, DATA)     transient (421: slow_down)
 SMTP 5xx reply                                        permanent
 authentication refused (535)                          permanent
-connection refused, reset or lost; timeouts           transient
+timeouts                                              transient (ChannelTimeout)
+connection refused, reset or lost                     transient
 TLS handshake or certificate failure                  transient
 STARTTLS required but not offered by the server       transient
 AUTH not offered / no common mechanism                permanent
@@ -32,6 +33,7 @@ while a refused AUTH needs the operator to act, and is permanent like any 5xx.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import re
@@ -52,11 +54,16 @@ import structlog
 from pydantic import TypeAdapter, ValidationError
 
 from notice_relay.channels.base import outcome_from_error, sanitize_text
-from notice_relay.channels.email_render import build_message, split_digest
+from notice_relay.channels.email_render import (
+    build_message,
+    is_safe_delivery_id,
+    split_digest,
+)
 from notice_relay.connectors import Developer, EmailAddress, EmailChannelConfig
 from notice_relay.durations import parse_duration
 from notice_relay.errors import (
     ChannelError,
+    ChannelTimeout,
     ConfigError,
     PermanentChannelError,
     TransientChannelError,
@@ -71,6 +78,8 @@ ENV_PREFIX: Final = "NOTICE_RELAY_SMTP_"
 DEFAULT_TIMEOUT: Final = timedelta(seconds=30)
 #: Stays under Postfix's default ``message_size_limit`` (10,240,000 bytes).
 DEFAULT_MAX_MESSAGE_BYTES: Final = 8_000_000
+#: How long a finished session may take to close its socket (the TLS shutdown).
+CLOSE_GRACE: Final = 2.0
 _DEFAULT_PORTS: Final = {"starttls": 587, "tls": 465, "none": 25}
 _ADDRESS: Final = TypeAdapter(EmailAddress)
 # "Name <local@domain>" or a bare "local@domain".
@@ -255,7 +264,10 @@ def _by_code(code: int, text: str) -> ChannelError:
     if 500 <= code < 600:
         return PermanentChannelError(text, status_code=code)
     # 4xx, and anything malformed (aiosmtplib reports -1): a later attempt may succeed.
-    return TransientChannelError(text, status_code=code if code > 0 else None)
+    error = TransientChannelError(text, status_code=code if code > 0 else None)
+    # 421: the server is closing the connection ("too busy"): back off longer.
+    error.slow_down = code == 421
+    return error
 
 
 _PHASES: Final[tuple[tuple[type[aiosmtplib.SMTPResponseException], str], ...]] = (
@@ -293,7 +305,7 @@ def translate_error(exc: BaseException, timeout: float) -> ChannelError:
         return _by_code(exc.code, f"{phase}: {_reply(exc.code, exc.message)}")
     if isinstance(exc, TimeoutError):  # aiosmtplib's timeouts, and asyncio's
         while_ = " while connecting" if isinstance(exc, aiosmtplib.SMTPConnectError) else ""
-        return TransientChannelError(f"timed out after {timeout:g}s{while_}")
+        return ChannelTimeout(f"timed out after {timeout:g}s{while_}")
     cause = exc.__cause__ if isinstance(exc, aiosmtplib.SMTPConnectError) else exc
     if isinstance(cause, ssl.SSLError):  # implicit TLS wraps it; STARTTLS raises it raw
         return TransientChannelError(f"TLS handshake failed: {_describe(cause)}")
@@ -310,11 +322,26 @@ def translate_error(exc: BaseException, timeout: float) -> ChannelError:
         if "STARTTLS" in text:
             return TransientChannelError(f"refusing to send without TLS: {text}")
         return PermanentChannelError(f"SMTP error: {text}")
-    log.error("email.unexpected_error", exc_info=exc)
+    log.error("channel.unexpected_error", channel_type="email", exc_info=exc)
     return TransientChannelError(f"internal error: {type(exc).__name__}: {_describe(exc)}")
 
 
 # ----------------------------------------------------------------------------- channel
+
+
+class _SMTP(aiosmtplib.SMTP):
+    """aiosmtplib's client, remembering every transport it closes (also those it
+    closes itself when connecting fails), so that the session can wait for them."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.closed_transports: list[asyncio.BaseTransport] = []
+
+    def close(self) -> None:
+        """Close the connection, remembering its transport."""
+        if self.transport is not None:
+            self.closed_transports.append(self.transport)
+        super().close()
 
 
 class _Connection:
@@ -323,7 +350,8 @@ class _Connection:
 
     def __init__(self, channel: EmailChannel) -> None:
         self._channel = channel
-        self._smtp: aiosmtplib.SMTP | None = None
+        self._smtp: _SMTP | None = None
+        self._clients: list[_SMTP] = []
         self._failure: ChannelError | None = None
 
     async def ready(self) -> aiosmtplib.SMTP:
@@ -333,6 +361,7 @@ class _Connection:
             return self._smtp
         self.abort()
         smtp = self._channel._client()
+        self._clients.append(smtp)
         try:
             await smtp.connect()
         except Exception as exc:
@@ -342,15 +371,37 @@ class _Connection:
         return smtp
 
     async def close(self) -> None:
+        """QUIT, then wait until every socket of the session is really closed: over
+        TLS, closing only starts the TLS shutdown, and a socket still open when the
+        event loop ends leaks."""
         if self._smtp is not None and self._smtp.is_connected:
             with contextlib.suppress(aiosmtplib.SMTPException, OSError):
                 await self._smtp.quit()
         self.abort()
+        for client in self._clients:
+            for transport in client.closed_transports:
+                await _wait_closed(transport, CLOSE_GRACE)
 
     def abort(self) -> None:
         if self._smtp is not None:
             self._smtp.close()
             self._smtp = None
+
+
+async def _wait_closed(transport: asyncio.BaseTransport, grace: float) -> None:
+    sock = transport.get_extra_info("socket")
+    if sock is None:  # already closed
+        return
+    try:
+        async with asyncio.timeout(grace):
+            # Polled: neither asyncio's TLS transport nor aiosmtplib has a public
+            # "closed" event, and the socket closes only once the TLS shutdown is done.
+            while sock.fileno() != -1:  # noqa: ASYNC110
+                await asyncio.sleep(0.005)
+    except TimeoutError:  # the server never answered the TLS close_notify
+        if isinstance(transport, asyncio.Transport):
+            transport.abort()
+        await asyncio.sleep(0)
 
 
 class EmailChannel:
@@ -390,12 +441,12 @@ class EmailChannel:
     ) -> None:
         await self.aclose()
 
-    def _client(self) -> aiosmtplib.SMTP:
+    def _client(self) -> _SMTP:
         s = self.smtp
         kwargs: dict[str, Any] = {}
         if s.helo_name:
             kwargs["local_hostname"] = s.helo_name
-        return aiosmtplib.SMTP(
+        return _SMTP(
             hostname=s.host,
             port=s.effective_port,
             username=s.username,
@@ -423,19 +474,30 @@ class EmailChannel:
                     f"task {task.delivery_id} is for {task.developer_id}/{task.channel}, "
                     f"not {self.developer_id}/{self.name}"
                 )
+        # A malformed delivery id (a bug upstream: fan-out makes "dlv_" + hex) fails its
+        # own task only; it must not take a digest of other notices down with it.
+        outcomes: list[Outcome | None] = [
+            None if is_safe_delivery_id(t.delivery_id)
+            else Outcome.permanent(t, "cannot build the message: unsafe delivery id")
+            for t in tasks
+        ]
+        pending = [index for index, outcome in enumerate(outcomes) if outcome is None]
         groups = split_digest(
-            tasks, max_count=self.max_per_digest, max_bytes=self.smtp.max_message_bytes
+            [tasks[index] for index in pending],
+            max_count=self.max_per_digest,
+            max_bytes=self.smtp.max_message_bytes,
         )
-        outcomes: list[Outcome] = []
+        slots = iter(pending)
         connection = _Connection(self)
         try:
             for group in groups:
-                outcomes.extend(await self._send_one(connection, group))
+                for outcome in await self._send_one(connection, group):
+                    outcomes[next(slots)] = outcome
         except BaseException:
             connection.abort()  # cancelled: no polite QUIT
             raise
         await connection.close()
-        return outcomes
+        return [outcome for outcome in outcomes if outcome is not None]
 
     async def _send_one(
         self, connection: _Connection, tasks: Sequence[DeliveryTask]

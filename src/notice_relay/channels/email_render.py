@@ -46,6 +46,7 @@ __all__ = [
     "NoticeBatch",
     "build_message",
     "estimated_size",
+    "is_safe_delivery_id",
     "message_id",
     "render_attachment",
     "render_html",
@@ -116,12 +117,17 @@ def render_attachment(tasks: Sequence[DeliveryTask]) -> bytes:
 # ------------------------------------------------------------------------- identifiers
 
 
+def is_safe_delivery_id(delivery_id: str) -> bool:
+    """Whether ``delivery_id`` is a plain token that may go into a header."""
+    return _SAFE_ID.fullmatch(delivery_id) is not None
+
+
 def _checked_ids(delivery_ids: Iterable[str]) -> list[str]:
     ids = list(delivery_ids)
     if not ids:
         raise ValueError("a message needs at least one delivery")
     for delivery_id in ids:
-        if not _SAFE_ID.fullmatch(delivery_id):
+        if not is_safe_delivery_id(delivery_id):
             raise ValueError(f"unsafe delivery id {delivery_id[:40]!r}")
     return ids
 

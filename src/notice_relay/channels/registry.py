@@ -203,10 +203,10 @@ class GenericRestAdapter:
             method="POST",
             url=self.url,
             headers={
-                "authorization": f"Bearer {self._token}",
-                "idempotency-key": idempotency_key(by_id),
-                "content-type": "application/json",
-                "accept": "application/json",
+                "Authorization": f"Bearer {self._token}",
+                "Idempotency-Key": idempotency_key(by_id),
+                "Content-Type": "application/json",
+                "Accept": "application/json",
             },
             content=b'{"items":[' + b",".join(items) + b"]}",
         )
@@ -314,18 +314,17 @@ ADAPTERS: Final[Mapping[str, AdapterFactory]] = {
 
 def make_adapter(config: RegistryChannelConfig, token: str) -> RegistryAdapter:
     """The adapter ``config`` names, holding ``token``; :class:`ConfigError` if there is
-    no such adapter or the token is unusable."""
+    no such adapter or the token is unusable (the message never holds the token)."""
     try:
         factory = ADAPTERS[config.adapter]
     except KeyError:
         raise ConfigError(
-            f"channel {config.name!r}: unknown registry adapter {config.adapter!r}; "
-            f"known: {sorted(ADAPTERS)}"
+            f"unknown registry adapter {config.adapter!r}; known: {sorted(ADAPTERS)}"
         ) from None
     try:
         return factory(config, token)
     except ValueError as exc:
-        raise ConfigError(f"channel {config.name!r}: {exc}") from None
+        raise ConfigError(str(exc)) from None
 
 
 # ------------------------------------------------------------------------- the channel
