@@ -291,6 +291,11 @@ def build_parser() -> argparse.ArgumentParser:
         cv.add_argument("--json", action="store_true")
         cv.set_defaults(func=cmd_channels_set)
 
+    from notice_relay import cli_api, cli_audit
+
+    cli_audit.register(sub)
+    cli_api.register(sub)
+
     r = sub.add_parser("receiver", help="run the reference webhook receiver (verifies signatures)")
     r.add_argument("--port", type=int, default=8081)
     r.add_argument("--secret-env", required=True, help="environment variable holding the whsec_ secret")

@@ -136,7 +136,9 @@ def accept(decl: Declaration, notice: Notice, now: datetime) -> Out:
     out.audit.append(audit_event(
         AuditType.DECLARATION_NORMALIZED, key, occurred_at=now,
         data={**common, "notice_id": notice.notice_id, "version": notice.version,
-              "uses": [u.value for u in notice.uses], "targets": list(decl.targets)},
+              "uses": [u.value for u in notice.uses], "targets": list(decl.targets),
+              # The notice itself is evidence: exactly what developers were sent.
+              "notice": notice.model_dump(mode="json", by_alias=True)},
     ))
     return out
 

@@ -6,6 +6,7 @@ applies them inside the store's transaction.
 
 from __future__ import annotations
 
+import json
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
@@ -131,6 +132,8 @@ async def apply_event(conn: AsyncConnection, store: AuditStore, e: AuditEvent) -
         for col in ("action", "artist_ref", "fingerprint", "reason"):
             if isinstance(d.get(col), str):
                 values[col] = d[col]
+        if isinstance(d.get("notice"), dict):
+            values["notice"] = json.dumps(d["notice"], sort_keys=True, separators=(",", ":"))
         ins = store._insert(declarations)
         update = {k: v for k, v in values.items() if k not in ("declaration_key", "received_at")}
         if e.type is AuditType.DECLARATION_REJECTED:

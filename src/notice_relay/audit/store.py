@@ -71,6 +71,7 @@ declarations = sa.Table(
     sa.Column("artist_ref", sa.String(80)),
     sa.Column("fingerprint", sa.String(64)),
     sa.Column("reason", sa.Text),
+    sa.Column("notice", sa.Text, doc="Notice v1 JSON as relayed (for replays)"),
     sa.Column("received_at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
     sa.Index("ix_declarations_declaration_id", "declaration_id"),
@@ -156,6 +157,7 @@ class DeclarationRow:
     artist_ref: str | None
     fingerprint: str | None
     reason: str | None
+    notice: str | None
     received_at: datetime
     updated_at: datetime
 
