@@ -59,7 +59,7 @@ from notice_relay.validate import parse_declaration
 log = structlog.get_logger("notice_relay.worker")
 
 #: Channel types this worker can deliver over.
-SUPPORTED_CHANNELS: tuple[ChannelType, ...] = (ChannelType.WEBHOOK,)
+SUPPORTED_CHANNELS: tuple[ChannelType, ...] = (ChannelType.WEBHOOK, ChannelType.EMAIL, ChannelType.REGISTRY)
 
 
 class Runtime:
