@@ -150,7 +150,7 @@ def _settled(cli: list[str], env: dict[str, str], declaration_id: str) -> bool:
         return False
     data: Any = json.loads(res.stdout)
     dels = [d for x in data["declarations"] for d in x["deliveries"]]
-    return bool(dels) and all(d["state"] in ("delivered", "skipped") for d in dels)
+    return bool(dels) and all(d["state"] in ("delivered", "acknowledged", "skipped") for d in dels)
 
 
 if __name__ == "__main__":

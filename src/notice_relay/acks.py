@@ -34,6 +34,8 @@ class AckRecord(BaseModel):
 
     delivery_id: str
     developer_id: str
+    declaration_key: str | None = Field(
+        default=None, description="publisher_id/declaration_id, when the sender knows it.")
     acknowledged_at: AwareDatetime
     reference: str | None = Field(default=None, max_length=500,
                                   description='e.g. "removed from dataset v4"')

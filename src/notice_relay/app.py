@@ -31,16 +31,31 @@ from pydantic import ValidationError
 
 from notice_relay.audit.store import AuditStore
 from notice_relay.channels import build_channel
+from notice_relay.acks import AckRecord, ack_url, load_ack_secret, make_token
+from notice_relay.audit import worker_queries
 from notice_relay.audit.events import audit_event
 from notice_relay.channels.base import Channel
 from notice_relay.channelstate import ChannelStates
 from notice_relay.config import Settings
 from notice_relay.connectors import Developer, Publisher, load_developers, load_publishers
 from notice_relay.errors import DeclarationInvalid, NoticeRelayError, StoreError
+from notice_relay.fanout import delivery_id as make_delivery_id
 from notice_relay.fanout import plan_deliveries
 from notice_relay.health import ChannelHealth, after_outcome
 from notice_relay.lanes import Admission, Lane, LaneSettings
-from notice_relay.models import Actor, ActorKind, AuditEvent, AuditType, ChannelType, DeliveryTask, Outcome
+from notice_relay.models import (
+    AckInfo,
+    Action,
+    Actor,
+    ActorKind,
+    AuditEvent,
+    AuditType,
+    ChannelType,
+    DeliveryTask,
+    Notice,
+    Outcome,
+)
+from notice_relay.normalize import notice_id as make_notice_id
 from notice_relay.normalize import normalize
 from notice_relay.stages import (
     DEFAULT_RETRY_SCHEDULE,
@@ -74,13 +89,24 @@ class Runtime:
         self._store: AuditStore | None = None
         self._store_lock = asyncio.Lock()
         self.states: ChannelStates | None = None
+        self.ack_secret = b""
         self.closers: list[Callable[[], Awaitable[None]]] = []
 
     @classmethod
     def load(cls, settings: Settings) -> Runtime:
         """Load and validate the registry; a broken file raises ConnectorConfigError."""
-        return cls(settings, load_developers(settings.connectors_dir),
-                   load_publishers(settings.publishers_file))
+        rt = cls(settings, load_developers(settings.connectors_dir),
+                 load_publishers(settings.publishers_file))
+        rt.ack_secret = load_ack_secret(settings.data_dir)
+        return rt
+
+    def ack_for(self, delivery_id: str, developer: Developer, planned_at: datetime) -> AckInfo:
+        """The ack block of one delivery: a link with a token scoped to it, and the due
+        date from the developer's ``ack_sla``. Deterministic, so a reminder or a
+        re-planned delivery carries the same link."""
+        due = planned_at + developer.ack_sla
+        token = make_token(self.ack_secret, delivery_id, developer.id, due + self.settings.ack_grace)
+        return AckInfo(url=ack_url(self.settings.public_url, token), due_by=due)
 
     def build_channels(self) -> None:
         """Create one channel object per enabled, supported channel (secrets resolved
@@ -266,11 +292,39 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> faust.App:
                 log.error("notice.unreadable", error=str(exc)[:500])
                 continue
             plan = plan_deliveries(relayed.notice, relayed.targets, rt.developers,
-                                   now=utcnow(), supported=SUPPORTED_CHANNELS)
+                                   now=utcnow(), supported=SUPPORTED_CHANNELS, ack_for=rt.ack_for)
             await send_out(Out(deliveries=plan.tasks, audit=plan.events))
             yield None
 
     deliver_stream: list[Any] = []
+
+    async def withdrawal_gate(task: DeliveryTask) -> AuditEvent | str | None:
+        """None to send; an audit event to record instead of sending; "defer" to wait.
+
+        An opt-out whose declaration was withdrawn is superseded if not yet delivered.
+        A withdrawal goes only to developers that were sent what it withdraws; while
+        that delivery is still under way, the withdrawal waits for it.
+        """
+        n = task.notice
+        if n.action is Action.OPT_OUT and task.declaration_key in states.withdrawn:
+            return audit_event(
+                AuditType.DELIVERY_SUPERSEDED, task.declaration_key, delivery_id=task.delivery_id,
+                developer_id=task.developer_id,
+                data={"channel": task.channel, "reason": "withdrawn before it was delivered"})
+        if n.action is Action.WITHDRAW and n.supersedes:
+            original = make_delivery_id(make_notice_id(n.publisher_id, n.supersedes),
+                                        task.developer_id, task.channel)
+            row = await worker_queries.delivery(await rt.store(), original)
+            if row is not None and row.state in ("delivered", "acknowledged", "overdue"):
+                return None
+            if row is not None and row.state in ("planned", "sending", "retry_scheduled", "held"):
+                return "defer"
+            return audit_event(
+                AuditType.DELIVERY_SKIPPED, task.declaration_key, delivery_id=task.delivery_id,
+                developer_id=task.developer_id,
+                data={"channel": task.channel, "channel_type": task.channel_type.value,
+                      "reason": f"{task.developer_id} was never sent {n.supersedes}"})
+        return None
 
     async def report(event: Any, task: DeliveryTask, outcome: Outcome) -> None:
         await t_outcomes.send(
@@ -327,6 +381,14 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> faust.App:
                 continue
             if task.held:
                 task = task.model_copy(update={"held": False})
+            gate = await withdrawal_gate(task)
+            if gate is not None:
+                if gate == "defer":
+                    await schedule(task, utcnow() + timedelta(seconds=5))
+                else:
+                    await send_out(Out(audit=[gate]))
+                await s.ack(event)
+                continue
             admission = lane.admission()
             if admission is Admission.DEFER:
                 # The channel is stalled or its breaker is open: its task waits in the
@@ -388,6 +450,66 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> faust.App:
 
     for seconds, topic in retry_topics.items():
         make_tier_agent(seconds, topic)
+
+    t_acks = _raw_topic(app, topics.acks, parts)
+
+    @app.agent(t_acks, name="acks")
+    async def acks_agent(stream: faust.StreamT[bytes]) -> AsyncIterator[None]:
+        async for raw in stream:
+            try:
+                ack = AckRecord.model_validate_json(raw)
+            except ValidationError as exc:
+                log.error("ack.unreadable", error=str(exc)[:500])
+                continue
+            key = ack.declaration_key
+            if key is None:
+                row = await worker_queries.delivery(await rt.store(), ack.delivery_id)
+                key = row.declaration_key if row is not None else None
+            if key is None:
+                log.error("ack.unknown_delivery", delivery_id=ack.delivery_id)
+                continue
+            await send_out(Out(audit=[audit_event(
+                AuditType.DELIVERY_ACKNOWLEDGED, key, unique=(ack.via, ack.acknowledged_at),
+                delivery_id=ack.delivery_id, developer_id=ack.developer_id,
+                actor=Actor(kind=ActorKind.DEVELOPER, id=ack.developer_id),
+                occurred_at=ack.acknowledged_at,
+                data={"via": ack.via, "reference": ack.reference})]))
+            yield None
+
+    @app.timer(settings.overdue_check.total_seconds(), on_leader=True)
+    async def find_overdue() -> None:
+        """Deliveries not acknowledged within their developer's ack_sla: overdue, audited,
+        and a reminder sent over the same channel (a delivery of its own)."""
+        if not rt.developers:
+            return
+        store = await rt.store()
+        now = utcnow()
+        shortest = min(d.ack_sla for d in rt.developers.values())
+        out = Out()
+        for row in await worker_queries.delivered_before(store, now - shortest):
+            dev = rt.developers.get(row.developer_id)
+            if dev is None or row.delivered_at is None or row.delivered_at + dev.ack_sla > now:
+                continue
+            out.audit.append(audit_event(
+                AuditType.DELIVERY_OVERDUE, row.declaration_key, delivery_id=row.delivery_id,
+                developer_id=row.developer_id, occurred_at=now,
+                data={"channel": row.channel, "due_by": (row.delivered_at + dev.ack_sla).isoformat()}))
+            raw_notice = await worker_queries.notice_json(store, row.declaration_key)
+            if raw_notice is None or ".reminder" in row.delivery_id:
+                continue
+            notice = Notice.model_validate_json(raw_notice).model_copy(
+                update={"ack": rt.ack_for(row.delivery_id, dev, row.planned_at)})
+            rid = f"{row.delivery_id}.reminder"
+            out.deliveries.append(DeliveryTask(
+                delivery_id=rid, notice=notice, developer_id=row.developer_id, channel=row.channel,
+                channel_type=ChannelType(row.channel_type), planned_at=now))
+            out.audit.append(audit_event(
+                AuditType.DELIVERY_PLANNED, row.declaration_key, delivery_id=rid,
+                developer_id=row.developer_id, occurred_at=now,
+                data={"channel": row.channel, "channel_type": row.channel_type,
+                      "reminder_of": row.delivery_id}))
+        if out.audit:
+            await send_out(out)
 
     @app.agent(t_audit, name="project")
     async def project_agent(stream: faust.StreamT[bytes]) -> AsyncIterator[None]:

@@ -90,6 +90,12 @@ class Settings:
     breaker_cooldown: timedelta = timedelta(seconds=30)
     #: Consumer group session timeout: how soon a crashed worker's partitions move.
     session_timeout: timedelta = timedelta(seconds=30)
+    #: The relay's public base URL, for the ack links in notices.
+    public_url: str = "http://127.0.0.1:8080"
+    #: How often the leader looks for acknowledgements past their due date.
+    overdue_check: timedelta = timedelta(seconds=60)
+    #: How long an ack token stays valid after the acknowledgement is due.
+    ack_grace: timedelta = timedelta(days=90)
     log_format: str = "console"
     log_level: str = "info"
     extra: dict[str, str] = field(default_factory=dict)
@@ -120,6 +126,9 @@ class Settings:
             breaker_threshold=_env_int("NOTICE_RELAY_BREAKER_THRESHOLD", d.breaker_threshold),
             breaker_cooldown=_env_duration("NOTICE_RELAY_BREAKER_COOLDOWN", d.breaker_cooldown),
             session_timeout=_env_duration("NOTICE_RELAY_SESSION_TIMEOUT", d.session_timeout),
+            public_url=env("NOTICE_RELAY_PUBLIC_URL") or d.public_url,
+            overdue_check=_env_duration("NOTICE_RELAY_OVERDUE_CHECK", d.overdue_check),
+            ack_grace=_env_duration("NOTICE_RELAY_ACK_GRACE", d.ack_grace),
             log_format=env("NOTICE_RELAY_LOG_FORMAT") or d.log_format,
             log_level=env("NOTICE_RELAY_LOG_LEVEL") or d.log_level,
         )

@@ -9,13 +9,16 @@ and the skip is audited, so an auditor can see why a developer was not told.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 
 from notice_relay.audit.events import audit_event
 from notice_relay.connectors import Developer
-from notice_relay.models import AuditEvent, AuditType, ChannelType, DeliveryTask, Notice
+from notice_relay.models import AckInfo, AuditEvent, AuditType, ChannelType, DeliveryTask, Notice
+
+#: Builds the ack block of one delivery: (delivery_id, developer, planned_at) → AckInfo.
+AckFor = Callable[[str, Developer, datetime], AckInfo]
 
 
 def delivery_id(notice_id: str, developer_id: str, channel: str) -> str:
@@ -39,6 +42,7 @@ def plan_deliveries(
     *,
     now: datetime,
     supported: Collection[ChannelType] = tuple(ChannelType),
+    ack_for: AckFor | None = None,
 ) -> Plan:
     """Plan one delivery task per targeted developer and enabled channel."""
     plan = Plan()
@@ -81,8 +85,10 @@ def plan_deliveries(
                           "channel": ch.name, "channel_type": ctype.value},
                 ))
                 continue
+            sent = notice if ack_for is None else notice.model_copy(
+                update={"ack": ack_for(did, dev, now)})
             plan.tasks.append(DeliveryTask(
-                delivery_id=did, notice=notice, developer_id=dev_id, channel=ch.name,
+                delivery_id=did, notice=sent, developer_id=dev_id, channel=ch.name,
                 channel_type=ctype, attempt=1, planned_at=now,
             ))
             plan.events.append(audit_event(

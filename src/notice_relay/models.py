@@ -332,6 +332,9 @@ class Outcome(_Strict):
         default=False,
         description="The receiver is overloaded (HTTP 429 or a timeout): back off longer.",
     )
+    acknowledged: bool = Field(
+        default=False, description="The receiver's answer acknowledged the notice (a receipt)."
+    )
 
     @classmethod
     def delivered(cls, task: DeliveryTask, *, receipt: str | None = None, **kw: Any) -> Outcome:
@@ -395,6 +398,7 @@ class AuditType(StrEnum):
     DECLARATION_REJECTED = "declaration.rejected"
     DECLARATION_DUPLICATE = "declaration.duplicate"
     DECLARATION_NORMALIZED = "declaration.normalized"
+    DECLARATION_WITHDRAWN = "declaration.withdrawn"
     DELIVERY_PLANNED = "delivery.planned"
     DELIVERY_SKIPPED = "delivery.skipped"
     DELIVERY_HELD = "delivery.held"

@@ -49,6 +49,8 @@ class ReceiverState:
     retry_after: str | None = None
     #: Seconds to wait before answering (a slow receiver).
     delay: float = 0.0
+    #: Answer with a receipt (which acknowledges the notice) or just 200.
+    receipts: bool = True
     #: Arrival times of each webhook-id's requests (verified or not).
     arrivals: dict[str, list[float]] = field(default_factory=dict)
 
@@ -96,6 +98,8 @@ def make_app(state: ReceiverState) -> web.Application:
             return web.json_response({"error": "failing on purpose"}, status=status,
                                      headers=hdrs)
         state.ids.add(wid)
+        if not state.receipts:
+            return web.json_response({"received": True})
         return web.json_response({"receipt": f"rcpt-{wid}", "duplicate": dup})
 
     app = web.Application(client_max_size=32 * 1024 * 1024)

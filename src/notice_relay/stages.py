@@ -21,6 +21,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from notice_relay.audit.events import audit_event
 from notice_relay.errors import DeclarationInvalid
 from notice_relay.models import (
+    Actor,
+    ActorKind,
     AuditEvent,
     AuditType,
     Declaration,
@@ -140,6 +142,14 @@ def accept(decl: Declaration, notice: Notice, now: datetime) -> Out:
               # The notice itself is evidence: exactly what developers were sent.
               "notice": notice.model_dump(mode="json", by_alias=True)},
     ))
+    if decl.supersedes:
+        # The withdrawn declaration's trail says so; its deliveries not yet made are
+        # superseded from now on.
+        out.audit.append(audit_event(
+            AuditType.DECLARATION_WITHDRAWN, f"{decl.publisher_id}/{decl.supersedes}",
+            unique=(key,), occurred_at=now,
+            data={"withdrawn_by": key, "notice_id": notice.notice_id},
+        ))
     return out
 
 
@@ -208,6 +218,14 @@ def on_outcome(
                   "status_code": outcome.status_code, "channel": task.channel},
             **common,  # type: ignore[arg-type]
         ))
+        if outcome.acknowledged:
+            out.audit.append(audit_event(
+                AuditType.DELIVERY_ACKNOWLEDGED, key, unique=("receipt",),
+                actor=Actor(kind=ActorKind.DEVELOPER, id=task.developer_id),
+                data={"via": "webhook_receipt", "reference": outcome.receipt,
+                      "channel": task.channel},
+                **common,  # type: ignore[arg-type]
+            ))
         return out
     delay = None
     if outcome.kind is OutcomeKind.TRANSIENT:

@@ -69,6 +69,7 @@ _DECLARATION_STATUS: dict[AuditType, str] = {
     AuditType.DECLARATION_RECEIVED: "received",
     AuditType.DECLARATION_REJECTED: "rejected",
     AuditType.DECLARATION_NORMALIZED: "relayed",
+    AuditType.DECLARATION_WITHDRAWN: "withdrawn",
 }
 
 
@@ -136,6 +137,16 @@ async def apply_event(conn: AsyncConnection, store: AuditStore, e: AuditEvent) -
             values["notice"] = json.dumps(d["notice"], sort_keys=True, separators=(",", ":"))
         ins = store._insert(declarations)
         update = {k: v for k, v in values.items() if k not in ("declaration_key", "received_at")}
+        if e.type is AuditType.DECLARATION_RECEIVED:
+            update["status"] = sa.case(
+                (declarations.c.status.in_(("relayed", "withdrawn")), declarations.c.status),
+                else_="received",
+            )
+        if e.type is AuditType.DECLARATION_NORMALIZED:
+            # A withdrawal seen before its target was relayed must not be undone.
+            update["status"] = sa.case(
+                (declarations.c.status == "withdrawn", declarations.c.status), else_="relayed"
+            )
         if e.type is AuditType.DECLARATION_REJECTED:
             # A broken resubmission of an id already relayed does not undo the relay.
             update.pop("status")

@@ -250,14 +250,18 @@ class WebhookChannel:
             )
             content = await _read_capped(response)
         status_line = f"{response.status_code} {response.reason_phrase}".rstrip()
+        acknowledged = False
         if verdict.kind is OutcomeKind.DELIVERED:
-            receipt = _receipt(content) or status_line
+            body_receipt = _receipt(content)
+            # A receipt in the 2xx body is the developer acknowledging the notice.
+            acknowledged = body_receipt is not None
+            receipt = body_receipt or status_line
             detail = None
         else:
             receipt = None
             text = content.decode("utf-8", errors="replace")
             detail = sanitize_text(text, MAX_ERROR_DETAIL) if text.strip() else None
-        return outcome_from_status(
+        outcome = outcome_from_status(
             task,
             response.status_code,
             verdict,
@@ -266,6 +270,9 @@ class WebhookChannel:
             receipt=receipt,
             detail=detail,
         )
+        if acknowledged:
+            outcome = outcome.model_copy(update={"acknowledged": True})
+        return outcome
 
     async def aclose(self) -> None:
         """Close the HTTP client if this channel created it. Idempotent."""

@@ -1,0 +1,45 @@
+"""The few store reads the worker makes: withdrawn declarations, one delivery's
+state, and deliveries whose acknowledgement is overdue."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import sqlalchemy as sa
+
+from notice_relay.audit.store import AuditStore, DeliveryRow, _delivery_row, declarations, deliveries
+
+
+async def withdrawn_declarations(store: AuditStore) -> set[str]:
+    """Keys of declarations withdrawn by a later declaration."""
+    q = sa.select(declarations.c.declaration_key).where(declarations.c.status == "withdrawn")
+    async with store.engine.connect() as conn:
+        return {r[0] for r in await conn.execute(q)}
+
+
+async def delivery(store: AuditStore, delivery_id: str) -> DeliveryRow | None:
+    """One delivery, or None when the store does not have it (yet)."""
+    q = sa.select(deliveries).where(deliveries.c.delivery_id == delivery_id)
+    async with store.engine.connect() as conn:
+        row = (await conn.execute(q)).first()
+    return _delivery_row(row) if row is not None else None
+
+
+async def delivered_before(store: AuditStore, cutoff: datetime, limit: int = 1000) -> list[DeliveryRow]:
+    """Deliveries delivered (not acknowledged, not yet overdue) before ``cutoff``."""
+    q = (
+        sa.select(deliveries)
+        .where(deliveries.c.state == "delivered", deliveries.c.delivered_at < cutoff)
+        .order_by(deliveries.c.delivered_at)
+        .limit(limit)
+    )
+    async with store.engine.connect() as conn:
+        return [_delivery_row(r) for r in (await conn.execute(q)).all()]
+
+
+async def notice_json(store: AuditStore, declaration_key: str) -> str | None:
+    """The Notice v1 JSON relayed for a declaration."""
+    q = sa.select(declarations.c.notice).where(declarations.c.declaration_key == declaration_key)
+    async with store.engine.connect() as conn:
+        row = (await conn.execute(q)).first()
+    return row[0] if row is not None else None
