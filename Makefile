@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: setup demo test check kafka-start kafka-stop clean
+.PHONY: setup demo test check kafka-start kafka-stop pg-start pg-stop clean
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11+ is required"'
@@ -19,6 +19,7 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 setup: $(VENV)/.installed
 	bash scripts/setup-system.sh
 	$(BIN)/python scripts/localkafka.py install
+	$(BIN)/python scripts/localpg.py install
 
 demo: setup
 	$(BIN)/python scripts/demo.py
@@ -35,6 +36,12 @@ kafka-start: setup
 
 kafka-stop:
 	$(BIN)/python scripts/localkafka.py stop
+
+pg-start: setup
+	$(BIN)/python scripts/localpg.py start
+
+pg-stop:
+	$(BIN)/python scripts/localpg.py stop
 
 clean:
 	rm -rf var .pytest_cache .mypy_cache .ruff_cache

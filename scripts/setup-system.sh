@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # System packages the test suite needs, from Debian's packages, installed only when
-# missing: a Compose implementation (to validate docker-compose.yml) and Java 17
-# (for the local Kafka broker).
+# missing: a Compose implementation (to validate docker-compose.yml), Java 17 (for the
+# local Kafka broker) and PostgreSQL (the audit store's tests run against a real
+# server, which scripts/localpg.py starts; only the binaries are needed, the
+# package's own cluster is never used).
 set -euo pipefail
 
 need=()
@@ -13,6 +15,11 @@ if ! command -v java >/dev/null 2>&1; then
 fi
 if ! command -v mvn >/dev/null 2>&1; then
   need+=(maven)
+fi
+# Debian keeps initdb and pg_ctl in /usr/lib/postgresql/<version>/bin, off PATH.
+if ! compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null && ! command -v pg_ctl >/dev/null 2>&1 \
+    && [ -z "${NOTICE_RELAY_PG_BINDIR:-}" ] && [ -z "${NOTICE_RELAY_TEST_POSTGRES_URL:-}" ]; then
+  need+=(postgresql)
 fi
 if [ ${#need[@]} -eq 0 ]; then
   exit 0

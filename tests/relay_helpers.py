@@ -70,6 +70,11 @@ async def eventually(check: Callable[[], Awaitable[bool]] | Callable[[], bool], 
         if worker is not None and worker.proc is not None and worker.proc.poll() is not None:
             raise AssertionError(f"worker died while waiting for {what}:\n{worker.output()[-5000:]}")
         await asyncio.sleep(interval)
+    if worker is not None and worker.proc is not None and worker.proc.poll() is None:
+        import signal
+
+        worker.proc.send_signal(signal.SIGUSR1)  # the worker logs its tasks' stacks
+        await asyncio.sleep(1)
     extra = f"\nworker log:\n{worker.output()[-3000:]}" if worker is not None else ""
     raise AssertionError(f"timed out after {timeout}s waiting for {what}{extra}")
 

@@ -90,6 +90,7 @@ class Runtime:
         self._store_lock = asyncio.Lock()
         self.states: ChannelStates | None = None
         self.ack_secret = b""
+        self.background: set[asyncio.Future[None]] = set()
         self.closers: list[Callable[[], Awaitable[None]]] = []
 
     @classmethod
@@ -511,6 +512,41 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> faust.App:
         if out.audit:
             await send_out(out)
 
+    @app.timer(max(1.0, settings.sweep_after.total_seconds() / 4), on_leader=True)
+    async def sweep() -> None:
+        """Repair: a delivery that should have moved long ago (a retry past its due
+        time, a planned delivery never attempted) is re-sent from the store.
+        faust-streaming 0.15 was seen to commit offsets past delivery tasks it never
+        handed to the agent after a worker was killed and restarted (see
+        docs/architecture.md); the store knows every planned delivery, so such a
+        loss becomes a delay. Delivery ids are stable: a delivery that was only late
+        is deduplicated by receivers."""
+        store = await rt.store()
+        now = utcnow()
+        out = Out()
+        # Planned deliveries are only stalled if nothing is waiting in the deliveries
+        # topic: with a backlog, old planned deliveries are simply queued.
+        c = app.consumer
+        backlog = any(
+            (c.highwater(tp) or 0) > (c._committed_offset.get(tp) or 0)
+            for tp in c.assignment() if tp.topic == topics.deliveries
+        )
+        for row in await worker_queries.stalled(store, now - settings.sweep_after,
+                                                include_planned=not backlog):
+            raw_notice = await worker_queries.notice_json(store, row.declaration_key)
+            dev = rt.developers.get(row.developer_id)
+            if raw_notice is None or dev is None:
+                continue
+            notice = Notice.model_validate_json(raw_notice).model_copy(
+                update={"ack": rt.ack_for(row.delivery_id.split(".")[0], dev, row.planned_at)})
+            log.warning("sweep.resend", delivery_id=row.delivery_id, due=str(row.next_attempt_at))
+            out.deliveries.append(DeliveryTask(
+                delivery_id=row.delivery_id, notice=notice, developer_id=row.developer_id,
+                channel=row.channel, channel_type=ChannelType(row.channel_type),
+                attempt=row.attempts + 1, planned_at=row.planned_at))
+        if out.deliveries:
+            await send_out(out)
+
     @app.agent(t_audit, name="project")
     async def project_agent(stream: faust.StreamT[bytes]) -> AsyncIterator[None]:
         store = await rt.store()
@@ -540,6 +576,27 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> faust.App:
         await states.stop()
 
     rt.closers.append(close_lanes)
+
+    @app.task
+    async def install_task_dump() -> None:
+        """SIGUSR1 logs what every asyncio task of the worker is waiting on (for
+        operators diagnosing a stuck worker)."""
+        import signal
+        import sys
+
+        def dump() -> None:
+            c = app.consumer
+            sys.stderr.write(f"--- consumer assignment={sorted(map(str, c.assignment()))}\n"
+                             f"paused={sorted(map(str, c._paused_partitions))}\n"
+                             f"active={sorted(map(str, c._active_partitions or ()))}\n"
+                             f"buffered={sorted(map(str, c._buffered_partitions))}\n")
+            for t in asyncio.all_tasks():
+                sys.stderr.write(f"--- task {t.get_name()}\n")
+                t.print_stack(limit=12, file=sys.stderr)
+            sys.stderr.flush()
+
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, dump)
 
     @app.on_before_shutdown.connect
     async def _close(app: faust.App, **_: Any) -> None:  # type: ignore[misc]

@@ -96,6 +96,9 @@ class Settings:
     overdue_check: timedelta = timedelta(seconds=60)
     #: How long an ack token stays valid after the acknowledgement is due.
     ack_grace: timedelta = timedelta(days=90)
+    #: A retry due longer ago than this and still not attempted is re-sent from the
+    #: store (its message was lost on the way; see docs/architecture.md).
+    sweep_after: timedelta = timedelta(minutes=5)
     log_format: str = "console"
     log_level: str = "info"
     extra: dict[str, str] = field(default_factory=dict)
@@ -129,6 +132,7 @@ class Settings:
             public_url=env("NOTICE_RELAY_PUBLIC_URL") or d.public_url,
             overdue_check=_env_duration("NOTICE_RELAY_OVERDUE_CHECK", d.overdue_check),
             ack_grace=_env_duration("NOTICE_RELAY_ACK_GRACE", d.ack_grace),
+            sweep_after=_env_duration("NOTICE_RELAY_SWEEP_AFTER", d.sweep_after),
             log_format=env("NOTICE_RELAY_LOG_FORMAT") or d.log_format,
             log_level=env("NOTICE_RELAY_LOG_LEVEL") or d.log_level,
         )

@@ -29,6 +29,32 @@ from notice_relay.audit.projection import apply_event
 from notice_relay.errors import StoreError
 from notice_relay.models import AuditEvent
 
+
+class UTCDateTime(sa.TypeDecorator[datetime]):
+    """A timestamp stored as UTC and read back timezone-aware, on every backend.
+
+    SQLite keeps no offset: an aware value would be stored as its wall time and read
+    back as if it were UTC, another instant. PostgreSQL's ``timestamptz`` keeps the
+    instant. Naive values are taken to be UTC.
+    """
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: sa.Dialect) -> datetime | None:
+        """To UTC (naive on SQLite, which would drop the offset anyway)."""
+        if value is None:
+            return None
+        value = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: sa.Dialect) -> datetime | None:
+        """Aware, in UTC."""
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
 metadata = sa.MetaData()
 
 events = sa.Table(
@@ -40,9 +66,11 @@ events = sa.Table(
     sa.Column("declaration_key", sa.String(300), nullable=False),
     sa.Column("seq", sa.Integer, nullable=False),
     sa.Column("type", sa.String(64), nullable=False),
-    sa.Column("occurred_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("occurred_at", UTCDateTime(), nullable=False),
     sa.Column("actor_kind", sa.String(16), nullable=False),
-    sa.Column("actor_id", sa.String(200), nullable=False),
+    # Unbounded: an operator's or API user's name; PostgreSQL enforces VARCHAR lengths
+    # (SQLite does not), and an event the store refuses would stall the projector.
+    sa.Column("actor_id", sa.Text, nullable=False),
     sa.Column("delivery_id", sa.String(80)),
     sa.Column("developer_id", sa.String(200)),
     sa.Column("data", sa.Text, nullable=False),
@@ -72,8 +100,8 @@ declarations = sa.Table(
     sa.Column("fingerprint", sa.String(64)),
     sa.Column("reason", sa.Text),
     sa.Column("notice", sa.Text, doc="Notice v1 JSON as relayed (for replays)"),
-    sa.Column("received_at", sa.DateTime(timezone=True), nullable=False),
-    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("received_at", UTCDateTime(), nullable=False),
+    sa.Column("updated_at", UTCDateTime(), nullable=False),
     sa.Index("ix_declarations_declaration_id", "declaration_id"),
 )
 
@@ -90,10 +118,10 @@ deliveries = sa.Table(
     sa.Column("last_status_code", sa.Integer),
     sa.Column("last_error", sa.Text),
     sa.Column("receipt", sa.Text),
-    sa.Column("next_attempt_at", sa.DateTime(timezone=True)),
-    sa.Column("planned_at", sa.DateTime(timezone=True), nullable=False),
-    sa.Column("delivered_at", sa.DateTime(timezone=True)),
-    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("next_attempt_at", UTCDateTime()),
+    sa.Column("planned_at", UTCDateTime(), nullable=False),
+    sa.Column("delivered_at", UTCDateTime()),
+    sa.Column("updated_at", UTCDateTime(), nullable=False),
     sa.Index("ix_deliveries_declaration", "declaration_key"),
     sa.Index("ix_deliveries_developer_state_updated", "developer_id", "state", "updated_at"),
     sa.Index("ix_deliveries_state_updated", "state", "updated_at"),
@@ -107,10 +135,10 @@ channels = sa.Table(
     sa.Column("channel", sa.String(200), primary_key=True),
     sa.Column("enabled", sa.Boolean, nullable=False, default=True),
     sa.Column("reason", sa.Text),
-    sa.Column("changed_at", sa.DateTime(timezone=True)),
-    sa.Column("changed_by", sa.String(200)),
-    sa.Column("last_success_at", sa.DateTime(timezone=True)),
-    sa.Column("failing_since", sa.DateTime(timezone=True)),
+    sa.Column("changed_at", UTCDateTime()),
+    sa.Column("changed_by", sa.Text),
+    sa.Column("last_success_at", UTCDateTime()),
+    sa.Column("failing_since", UTCDateTime()),
     sa.Column("last_error", sa.Text),
 )
 
@@ -171,11 +199,48 @@ class ChainProblem:
     problem: str
 
 
+@dataclass(frozen=True)
+class VerifyReport:
+    """What :meth:`AuditStore.verify_report` checked, and what it found."""
+
+    declarations: int
+    events: int
+    problems: list[ChainProblem]
+
+    @property
+    def ok(self) -> bool:
+        """True when every chain verifies."""
+        return not self.problems
+
+
+#: What a database failure can raise: SQLAlchemy's errors, and OSError from a driver
+#: that cannot reach its server (asyncpg raises ConnectionRefusedError, gaierror and
+#: TimeoutError unwrapped when it (re)connects).
+DB_ERRORS: tuple[type[Exception], ...] = (sa.exc.SQLAlchemyError, OSError)
+
+
+def db_reason(exc: BaseException) -> str:
+    """What went wrong, in the driver's words, without SQLAlchemy's echo of the SQL."""
+    orig = getattr(exc, "orig", None)
+    text = str(orig if orig is not None else exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+#: Rows fetched at a time when the store streams a large result.
+STREAM_BATCH = 1000
+
+
 def _aware(value: datetime | None) -> datetime | None:
     # SQLite hands back naive datetimes; everything stored is UTC.
     if value is not None and value.tzinfo is None:
         return value.replace(tzinfo=UTC)
     return value
+
+
+def _in_utc(event: AuditEvent) -> AuditEvent:
+    if event.occurred_at.tzinfo is UTC:
+        return event
+    return event.model_copy(update={"occurred_at": event.occurred_at.astimezone(UTC)})
 
 
 def _row_to_event(row: Any) -> StoredEvent:
@@ -205,7 +270,10 @@ class AuditStore:
     @classmethod
     async def open(cls, url: str, *, create: bool = True) -> AuditStore:
         """Connect to the store at ``url`` and create its tables if missing."""
-        parsed = make_url(url)
+        try:
+            parsed = make_url(url)
+        except sa.exc.ArgumentError as exc:
+            raise StoreError(f"not a database URL: {exc}") from exc
         kwargs: dict[str, Any] = {}
         if parsed.get_backend_name() == "sqlite":
             db = parsed.database
@@ -214,7 +282,11 @@ class AuditStore:
             kwargs["connect_args"] = {"timeout": 30}
         else:
             kwargs["pool_pre_ping"] = True
-        engine = create_async_engine(url, **kwargs)
+        try:
+            engine = create_async_engine(url, **kwargs)
+        except (sa.exc.SQLAlchemyError, ImportError) as exc:
+            where = parsed.render_as_string(hide_password=True)
+            raise StoreError(f"cannot open the audit store at {where}: {exc}") from exc
         if parsed.get_backend_name() == "sqlite":
 
             @sa.event.listens_for(engine.sync_engine, "connect")
@@ -232,7 +304,7 @@ class AuditStore:
             try:
                 async with engine.begin() as conn:
                     await conn.run_sync(metadata.create_all)
-            except sa.exc.SQLAlchemyError as exc:
+            except DB_ERRORS as exc:
                 await engine.dispose()
                 raise StoreError(f"cannot open the audit store: {exc}") from exc
         return store
@@ -259,14 +331,18 @@ class AuditStore:
         try:
             async with self.engine.begin() as conn:
                 return await self._append(conn, batch)
-        except sa.exc.SQLAlchemyError as exc:
+        except DB_ERRORS as exc:
             raise StoreError(f"cannot append to the audit store: {exc}") from exc
 
     async def _append(self, conn: AsyncConnection, batch: Sequence[AuditEvent]) -> int:
+        # The chain hashes each event as the store will give it back: in UTC (both
+        # backends return UTC), so an event sent with another offset still verifies.
+        batch = [_in_utc(e) for e in batch]
         ids = list(dict.fromkeys(e.event_id for e in batch))
         known: set[str] = set()
         for chunk in _chunks(ids, 500):
-            rows = await conn.execute(sa.select(events.c.event_id).where(events.c.event_id.in_(chunk)))
+            rows = await conn.execute(
+                sa.select(events.c.event_id).where(events.c.event_id.in_(chunk)))
             known.update(r[0] for r in rows)
         fresh: list[AuditEvent] = []
         for e in batch:
@@ -306,8 +382,11 @@ class AuditStore:
                 }
             )
         await conn.execute(events.insert(), rows_out)
-        touched = {e.declaration_key for e in fresh}
-        head_rows = [{"declaration_key": k, "seq": heads[k][0], "hash": heads[k][1]} for k in touched]
+        # In key order, so that two projectors upserting the same heads (during a
+        # rebalance) lock them in the same order rather than deadlock.
+        touched = sorted({e.declaration_key for e in fresh})
+        head_rows = [{"declaration_key": k, "seq": heads[k][0], "hash": heads[k][1]}
+                     for k in touched]
         ins = self._insert(chain_heads)
         await conn.execute(
             ins.on_conflict_do_update(
@@ -351,7 +430,8 @@ class AuditStore:
 
     async def trail(self, declaration_key: str) -> list[StoredEvent]:
         """The trail of one declaration, in sequence order."""
-        q = sa.select(events).where(events.c.declaration_key == declaration_key).order_by(events.c.seq)
+        q = (sa.select(events).where(events.c.declaration_key == declaration_key)
+             .order_by(events.c.seq))
         async with self.engine.connect() as conn:
             rows = (await conn.execute(q)).all()
         return [_row_to_event(r) for r in rows]
@@ -367,7 +447,8 @@ class AuditStore:
     async def all_deliveries(self) -> list[DeliveryRow]:
         """Every delivery (tests and small exports)."""
         async with self.engine.connect() as conn:
-            rows = (await conn.execute(sa.select(deliveries).order_by(deliveries.c.delivery_id))).all()
+            rows = (await conn.execute(
+                sa.select(deliveries).order_by(deliveries.c.delivery_id))).all()
         return [_delivery_row(r) for r in rows]
 
     async def all_declarations(self) -> list[DeclarationRow]:
@@ -385,55 +466,81 @@ class AuditStore:
     async def verify(self) -> list[ChainProblem]:
         """Recompute every chain; return each place where the stored trail was
         altered, removed or reordered (empty when the store verifies)."""
+        return (await self.verify_report()).problems
+
+    async def verify_report(self) -> VerifyReport:
+        """:meth:`verify`, with how many declarations and events were checked.
+
+        Events and their chain heads are read in one statement, so from one snapshot:
+        a projector appending meanwhile cannot make a chain look longer or shorter than
+        its head. (Heads without any event are looked up afterwards; an append writes a
+        head together with its events, so only a removal makes one.) The rows are
+        streamed (a server-side cursor on PostgreSQL), so memory does not grow with the
+        store.
+        """
         problems: list[ChainProblem] = []
-        async with self.engine.connect() as conn:
-            heads = {
-                r.declaration_key: (r.seq, r.hash)
-                for r in await conn.execute(sa.select(chain_heads))
-            }
-            result = await conn.stream(
-                sa.select(events).order_by(events.c.declaration_key, events.c.seq)
-            )
-            current: str | None = None
-            expected_seq, prev = 1, GENESIS
-            seen_keys: set[str] = set()
+        n_events = n_chains = 0
+        q = (
+            sa.select(events, chain_heads.c.seq.label("head_seq"),
+                      chain_heads.c.hash.label("head_hash"))
+            .select_from(events.outerjoin(
+                chain_heads, chain_heads.c.declaration_key == events.c.declaration_key))
+            .order_by(events.c.declaration_key, events.c.seq)
+            .execution_options(yield_per=STREAM_BATCH)
+        )
+        orphans = (
+            sa.select(chain_heads.c.declaration_key, chain_heads.c.seq)
+            .where(~sa.exists().where(events.c.declaration_key == chain_heads.c.declaration_key))
+            .order_by(chain_heads.c.declaration_key)
+        )
+        current: str | None = None
+        head: tuple[int, str] | None = None
+        expected_seq, prev = 1, GENESIS
 
-            def close_chain(key: str, last_seq: int, last_hash: str) -> None:
-                head = heads.get(key)
-                if head is None:
-                    problems.append(ChainProblem(key, last_seq, "chain head missing"))
-                elif head != (last_seq, last_hash):
-                    problems.append(ChainProblem(
-                        key, head[0],
-                        f"chain ends at seq {last_seq} but its head says seq {head[0]}"
-                        if head[0] != last_seq else "last event does not match the chain head",
-                    ))
+        def close_chain(key: str, last_seq: int, last_hash: str) -> None:
+            if head is None:
+                problems.append(ChainProblem(key, last_seq, "chain head missing"))
+            elif head != (last_seq, last_hash):
+                problems.append(ChainProblem(
+                    key, head[0],
+                    f"chain ends at seq {last_seq} but its head says seq {head[0]}"
+                    if head[0] != last_seq else "last event does not match the chain head",
+                ))
 
-            async for row in result:
-                stored = _row_to_event(row)
-                key = stored.event.declaration_key
-                if key != current:
-                    if current is not None:
-                        close_chain(current, expected_seq - 1, prev)
-                    current, expected_seq, prev = key, 1, GENESIS
-                    seen_keys.add(key)
-                if stored.seq != expected_seq:
-                    problems.append(ChainProblem(
-                        key, expected_seq,
-                        f"event seq {expected_seq} is missing (next stored is {stored.seq})",
-                    ))
-                if stored.prev_hash != prev:
-                    problems.append(ChainProblem(key, stored.seq, "previous hash does not match"))
-                recomputed = event_hash(stored.prev_hash, stored.event, stored.seq)
-                if recomputed != stored.hash:
-                    problems.append(ChainProblem(key, stored.seq, "event content was altered"))
-                expected_seq, prev = stored.seq + 1, stored.hash
-            if current is not None:
-                close_chain(current, expected_seq - 1, prev)
-            for key, (seq, _h) in heads.items():
-                if key not in seen_keys:
-                    problems.append(ChainProblem(key, seq, "every event of this declaration was removed"))
-        return problems
+        try:
+            async with self.engine.connect() as conn:
+                result = await conn.stream(q)
+                async for row in result:
+                    n_events += 1
+                    stored = _row_to_event(row)
+                    key = stored.event.declaration_key
+                    if key != current:
+                        if current is not None:
+                            close_chain(current, expected_seq - 1, prev)
+                        n_chains += 1
+                        current, expected_seq, prev = key, 1, GENESIS
+                        head = None if row.head_seq is None else (row.head_seq, row.head_hash)
+                    if stored.seq != expected_seq:
+                        problems.append(ChainProblem(
+                            key, expected_seq,
+                            f"event seq {expected_seq} is missing (next stored is {stored.seq})",
+                        ))
+                    if stored.prev_hash != prev:
+                        problems.append(
+                            ChainProblem(key, stored.seq, "previous hash does not match"))
+                    recomputed = event_hash(stored.prev_hash, stored.event, stored.seq)
+                    if recomputed != stored.hash:
+                        problems.append(ChainProblem(key, stored.seq, "event content was altered"))
+                    expected_seq, prev = stored.seq + 1, stored.hash
+                if current is not None:
+                    close_chain(current, expected_seq - 1, prev)
+                for key, seq in (await conn.execute(orphans)).all():
+                    n_chains += 1
+                    problems.append(
+                        ChainProblem(key, seq, "every event of this declaration was removed"))
+        except DB_ERRORS as exc:
+            raise StoreError(f"cannot read the audit store: {db_reason(exc)}") from exc
+        return VerifyReport(declarations=n_chains, events=n_events, problems=problems)
 
     async def channel_health(self) -> list[dict[str, Any]]:
         """The recorded health of every channel that has any."""
@@ -450,13 +557,24 @@ class AuditStore:
     async def chain_heads(self) -> dict[str, tuple[int, str]]:
         """The head (seq, hash) of every declaration's chain."""
         async with self.engine.connect() as conn:
-            return {r.declaration_key: (r.seq, r.hash) for r in await conn.execute(sa.select(chain_heads))}
+            rows = await conn.execute(sa.select(chain_heads))
+            return {r.declaration_key: (r.seq, r.hash) for r in rows}
 
     async def truncate(self) -> None:
         """Remove every row (before a rebuild from the audit topic)."""
-        async with self.engine.begin() as conn:
-            for table in (events, chain_heads, declarations, deliveries, channels):
-                await conn.execute(table.delete())
+        tables = (events, chain_heads, declarations, deliveries, channels)
+        try:
+            async with self.engine.begin() as conn:
+                if self.dialect == "postgresql":
+                    # One statement, no row-by-row delete; it waits for (and then
+                    # blocks) any projector writing meanwhile.
+                    await conn.execute(sa.text(
+                        "TRUNCATE " + ", ".join(t.name for t in tables) + " RESTART IDENTITY"))
+                else:
+                    for table in tables:
+                        await conn.execute(table.delete())
+        except DB_ERRORS as exc:
+            raise StoreError(f"cannot empty the audit store: {db_reason(exc)}") from exc
 
 
 def _delivery_row(r: Any) -> DeliveryRow:

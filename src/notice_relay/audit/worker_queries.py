@@ -43,3 +43,17 @@ async def notice_json(store: AuditStore, declaration_key: str) -> str | None:
     async with store.engine.connect() as conn:
         row = (await conn.execute(q)).first()
     return row[0] if row is not None else None
+
+
+async def stalled(store: AuditStore, cutoff: datetime, *, include_planned: bool,
+                  limit: int = 500) -> list[DeliveryRow]:
+    """Deliveries that should have moved by ``cutoff`` and did not: a retry due before
+    it, or (``include_planned``) planned or sending with no change since. Their
+    message was lost on the way (see ``sweep`` in app.py)."""
+    cond = (deliveries.c.state == "retry_scheduled") & (deliveries.c.next_attempt_at < cutoff)
+    if include_planned:
+        cond = cond | (deliveries.c.state.in_(("planned", "sending"))
+                       & (deliveries.c.updated_at < cutoff))
+    q = sa.select(deliveries).where(cond).order_by(deliveries.c.updated_at).limit(limit)
+    async with store.engine.connect() as conn:
+        return [_delivery_row(r) for r in (await conn.execute(q)).all()]
