@@ -196,7 +196,7 @@ def ensure_installed(home: Path | None = None) -> Path:
             f"-DoutputDirectory={staging}",
         ]
         log.info("fetching Apache Kafka %s from Maven Central into %s", KAFKA_VERSION, home)
-        result = subprocess.run(  # noqa: S603 - fixed argv, no shell
+        result = subprocess.run(
             cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False
         )
         if result.returncode != 0 or not any(staging.glob("kafka_2.13-*.jar")):
@@ -425,7 +425,7 @@ def _launch_detached(argv: list[str], out_file: Path) -> int:
     warnings as errors), and the broker outlives the CLI that started it.
     """
     script = 'out=$1; shift; "$@" </dev/null >>"$out" 2>&1 & echo $!'
-    result = subprocess.run(  # noqa: S603 - fixed script, argv passed as "$@"
+    result = subprocess.run(
         ["/bin/sh", "-c", script, "sh", str(out_file), *argv],
         stdin=subprocess.DEVNULL,
         capture_output=True,
@@ -606,7 +606,7 @@ def _format_storage(home: Path, data_dir: Path, properties: Path) -> str:
         "kafka.tools.StorageTool", "format", "--ignore-formatted",
         "-t", cluster_id, "-c", str(properties),
     ]  # fmt: skip
-    result = subprocess.run(  # noqa: S603 - fixed argv, no shell
+    result = subprocess.run(
         cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False
     )
     if result.returncode != 0:

@@ -266,7 +266,7 @@ def _run(
     """Run a tool (as ``account``); raise :class:`PgError` with its output if it fails."""
     cmd = _as(account, argv)
     try:
-        result = subprocess.run(  # noqa: S603 - fixed argv, no shell
+        result = subprocess.run(
             cmd,
             input=input,
             stdin=None if input is not None else subprocess.DEVNULL,

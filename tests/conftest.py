@@ -108,7 +108,9 @@ class Env:
             encoding="utf-8",
         )
 
-    def cli(self, *args: str, input: bytes | None = None, timeout: float = 60) -> subprocess.CompletedProcess[bytes]:
+    def cli(
+        self, *args: str, input: bytes | None = None, timeout: float = 60
+    ) -> subprocess.CompletedProcess[bytes]:
         """Run ``notice-relay ARGS`` as its own process."""
         return subprocess.run(
             [sys.executable, "-m", "notice_relay", *args], env=self.environ(), cwd=self.root,
@@ -177,7 +179,9 @@ def worker_factory(relay_env: Env) -> Iterator[Any]:
         w.stop()
 
 
-def wait_until(predicate: Any, timeout: float, interval: float = 0.25, what: str = "condition") -> None:
+def wait_until(
+    predicate: Any, timeout: float, interval: float = 0.25, what: str = "condition"
+) -> None:
     """Poll ``predicate`` until true; fail naming ``what`` after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

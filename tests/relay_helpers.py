@@ -57,8 +57,14 @@ async def publish(env: Any, decls: Sequence[dict[str, Any] | bytes]) -> None:
         await producer.stop()
 
 
-async def eventually(check: Callable[[], Awaitable[bool]] | Callable[[], bool], timeout: float,
-                     what: str, *, worker: Any = None, interval: float = 0.25) -> None:
+async def eventually(
+    check: Callable[[], Awaitable[bool]] | Callable[[], bool],
+    timeout: float,  # noqa: ASYNC109 - a polling deadline for test helpers, read by the loop
+    what: str,
+    *,
+    worker: Any = None,
+    interval: float = 0.25,
+) -> None:
     """Poll ``check`` (sync or async) until true; fail naming ``what``."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -68,7 +74,9 @@ async def eventually(check: Callable[[], Awaitable[bool]] | Callable[[], bool], 
         if r:
             return
         if worker is not None and worker.proc is not None and worker.proc.poll() is not None:
-            raise AssertionError(f"worker died while waiting for {what}:\n{worker.output()[-5000:]}")
+            raise AssertionError(
+                f"worker died while waiting for {what}:\n{worker.output()[-5000:]}"
+            )
         await asyncio.sleep(interval)
     if worker is not None and worker.proc is not None and worker.proc.poll() is None:
         import signal
@@ -92,6 +100,8 @@ async def trail_types(env: Any, declaration_key: str) -> list[tuple[str, dict[st
     """The (type, data) of each event of a declaration's trail."""
     store = await AuditStore.open(env.database_url)
     try:
-        return [(s.event.type.value, dict(s.event.data)) for s in await store.trail(declaration_key)]
+        return [
+            (s.event.type.value, dict(s.event.data)) for s in await store.trail(declaration_key)
+        ]
     finally:
         await store.close()

@@ -80,7 +80,8 @@ async def test_ack_link_token_and_ack_record(
     await eventually(lambda: state("acknowledged"), 30, "acknowledged", worker=worker)
     trail = await trail_types(relay_env, "artfolio/d-0000")
     [acked] = [d for t, d in trail if t == "delivery.acknowledged"]
-    assert acked["reference"] == "removed from dataset v4" and acked["via"] == "token"
+    assert acked["reference"] == "removed from dataset v4"
+    assert acked["via"] == "token"
 
 
 async def test_overdue_is_audited_and_a_reminder_sent(
@@ -139,6 +140,7 @@ async def test_withdrawal_supersedes_pending_and_notifies_the_notified(
     await asyncio.sleep(5)
     assert failing.state.notices() == []
     types = [t for t, _ in await trail_types(relay_env, "artfolio/d-0000")]
-    assert "declaration.withdrawn" in types and "delivery.superseded" in types
+    assert "declaration.withdrawn" in types
+    assert "delivery.superseded" in types
     res = relay_env.cli("status", "d-0000", "--json")
     assert b'"withdrawn"' in res.stdout

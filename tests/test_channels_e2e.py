@@ -21,7 +21,9 @@ pytest_plugins = ["smtp_server"]
 pytestmark = pytest.mark.kafka
 
 
-def add_email_developer(env: Any, dev: str, *, digest: str = "0", max_per_digest: int = 100) -> None:
+def add_email_developer(
+    env: Any, dev: str, *, digest: str = "0", max_per_digest: int = 100
+) -> None:
     """Register a developer reached by email."""
     env.connectors.mkdir(parents=True, exist_ok=True)
     (env.connectors / f"{dev}.toml").write_text(
@@ -48,8 +50,12 @@ async def test_email_digest_collects_notices_into_one_message(
     relay_env.secrets.update(smtp_server.environ())
     worker = worker_factory()
     await publish(relay_env, [make_decl(i) for i in range(6)])
-    await eventually(lambda: sum(len(attachment_notices(m.parsed())) for m in smtp_server.messages) >= 6,
-                     60, "6 notices by email", worker=worker)
+    await eventually(
+        lambda: sum(len(attachment_notices(m.parsed())) for m in smtp_server.messages) >= 6,
+        60,
+        "6 notices by email",
+        worker=worker,
+    )
     assert len(smtp_server.messages) == 1
     notices = attachment_notices(smtp_server.messages[0].parsed())
     assert sorted(n["declaration_id"] for n in notices) == [f"d-{i:04d}" for i in range(6)]
@@ -79,7 +85,8 @@ async def test_email_451_is_retried_and_delivered_once(
     await eventually(delivered, 60, "delivered after a 451", worker=worker)
     assert len(smtp_server.messages) == 1
     types = [t for t, _ in await trail_types(relay_env, "artfolio/d-0000")]
-    assert types.count("delivery.attempted") == 2 and "delivery.retry_scheduled" in types
+    assert types.count("delivery.attempted") == 2
+    assert "delivery.retry_scheduled" in types
 
 
 async def test_email_550_fails_with_the_server_reply(
@@ -99,7 +106,8 @@ async def test_email_550_fails_with_the_server_reply(
     await eventually(failed, 60, "failed on 550", worker=worker)
     trail = await trail_types(relay_env, "artfolio/d-0000")
     errors = [str(d.get("error")) for t, d in trail if t == "delivery.failed"]
-    assert errors and "550 5.1.1 mailbox unavailable" in errors[0]
+    assert errors
+    assert "550 5.1.1 mailbox unavailable" in errors[0]
 
 
 class Registry:
@@ -170,5 +178,6 @@ async def test_registry_batches_and_honours_retry_after(
     first_t, _, first_body = registry.requests[0]
     failed_ids = {i["id"] for i in first_body["items"]}
     retried = [t for t, _, b in registry.requests[1:] if failed_ids & {i["id"] for i in b["items"]}]
-    assert retried and min(retried) - first_t >= 3.0
+    assert retried
+    assert min(retried) - first_t >= 3.0
     await asyncio.sleep(0)

@@ -15,7 +15,9 @@ VALID = sorted((ROOT / "schemas" / "examples" / "valid").glob("*.json"))
 INVALID = sorted((ROOT / "schemas" / "examples" / "invalid").glob("*.json"))
 
 
-def run(*args: str, stdin: bytes | None = None, cwd: Path = ROOT) -> subprocess.CompletedProcess[bytes]:
+def run(
+    *args: str, stdin: bytes | None = None, cwd: Path = ROOT
+) -> subprocess.CompletedProcess[bytes]:
     """`notice-relay ARGS` as its own process, with the repo's registry files."""
     return subprocess.run([sys.executable, "-m", "notice_relay", *args], input=stdin,
                           capture_output=True, cwd=cwd, timeout=60, check=False)
@@ -33,7 +35,8 @@ def test_validate_valid_prints_normalized_notice() -> None:
 def test_validate_reads_stdin() -> None:
     """`-` reads the declaration from standard input."""
     res = run("validate", "-", stdin=VALID[0].read_bytes())
-    assert res.returncode == 0 and json.loads(res.stdout)["notice_id"]
+    assert res.returncode == 0
+    assert json.loads(res.stdout)["notice_id"]
 
 
 @pytest.mark.parametrize("path", INVALID, ids=lambda p: p.name)
@@ -43,7 +46,8 @@ def test_validate_invalid_examples_exit_1_with_reasons(path: Path) -> None:
     assert res.returncode == 1
     assert res.stdout == b""
     err = res.stderr.decode()
-    assert "invalid declaration" in err and "Traceback" not in err
+    assert "invalid declaration" in err
+    assert "Traceback" not in err
 
 
 @pytest.mark.parametrize("raw", [
@@ -55,13 +59,15 @@ def test_validate_never_tracebacks(raw: bytes) -> None:
     """Whatever the bytes, `validate -` exits 1 with a reason and no traceback."""
     res = run("validate", "-", stdin=raw)
     assert res.returncode == 1, res.stderr
-    assert b"Traceback" not in res.stderr and res.stderr.strip()
+    assert b"Traceback" not in res.stderr
+    assert res.stderr.strip()
 
 
 def test_validate_huge_input_is_refused_by_size() -> None:
     """A 9 MB input is refused with the size named, not parsed."""
     res = run("validate", "-", stdin=b"{" + b" " * (9 * 1024 * 1024) + b"}")
-    assert res.returncode == 1 and b"Traceback" not in res.stderr
+    assert res.returncode == 1
+    assert b"Traceback" not in res.stderr
     assert b"bytes" in res.stderr or b"MB" in res.stderr or b"MiB" in res.stderr
 
 
@@ -81,7 +87,8 @@ def test_validate_names_each_offending_field(tmp_path: Path) -> None:
 def test_validate_missing_file_is_a_clear_error() -> None:
     """A file that does not exist: exit 1 and a message, no traceback."""
     res = run("validate", "/nonexistent/decl.json")
-    assert res.returncode == 1 and b"cannot read" in res.stderr
+    assert res.returncode == 1
+    assert b"cannot read" in res.stderr
 
 
 def test_connectors_check_ok_on_examples() -> None:
@@ -103,11 +110,14 @@ def test_connectors_check_names_file_and_field(tmp_path: Path) -> None:
     res = run("connectors", "check", "--dir", str(d))
     assert res.returncode == 1
     err = res.stderr.decode()
-    assert "acme-ai.toml" in err and "channel.0.timeout" in err
-    assert "other.toml" in err and "accepts" in err
+    assert "acme-ai.toml" in err
+    assert "channel.0.timeout" in err
+    assert "other.toml" in err
+    assert "accepts" in err
 
 
 def test_publish_refuses_invalid_without_kafka(tmp_path: Path) -> None:
     """`publish` validates first: an invalid file publishes nothing (no Kafka needed)."""
     res = run("publish", str(INVALID[0]))
-    assert res.returncode == 1 and b"nothing published" in res.stderr
+    assert res.returncode == 1
+    assert b"nothing published" in res.stderr

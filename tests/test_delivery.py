@@ -19,8 +19,12 @@ from notice_relay.receiver import Receiver
 
 pytestmark = pytest.mark.kafka
 
-FAST = {"NOTICE_RELAY_SWEEP_AFTER": "5s", "NOTICE_RELAY_SESSION_TIMEOUT": "6s", "NOTICE_RELAY_HOLD_RECHECK": "1s",
-        "NOTICE_RELAY_BREAKER_COOLDOWN": "2s"}
+FAST = {
+    "NOTICE_RELAY_SWEEP_AFTER": "5s",
+    "NOTICE_RELAY_SESSION_TIMEOUT": "6s",
+    "NOTICE_RELAY_HOLD_RECHECK": "1s",
+    "NOTICE_RELAY_BREAKER_COOLDOWN": "2s",
+}
 
 
 
@@ -149,10 +153,12 @@ async def test_exhausted_attempts_fail_with_the_last_error(
     await publish(relay_env, [make_decl(0)])
     await eventually(lambda: _all_state(relay_env, "failed", 1), 60, "failed", worker=worker)
     [row] = await deliveries(relay_env)
-    assert row.attempts == 3 and "HTTP 500" in (row.last_error or "")
+    assert row.attempts == 3
+    assert "HTTP 500" in (row.last_error or "")
     trail = await trail_types(relay_env, "artfolio/d-0000")
     failed = [d for t, d in trail if t == "delivery.failed"]
-    assert failed and "attempts exhausted" in str(failed[0]["error"])
+    assert failed
+    assert "attempts exhausted" in str(failed[0]["error"])
     assert "HTTP 500" in str(failed[0]["error"])
     res = relay_env.cli("status", "d-0000")
     assert b"failed" in res.stdout
@@ -247,7 +253,8 @@ async def test_dead_endpoints_do_not_delay_healthy_ones(
         took = time.monotonic() - t0
         rows = await deliveries(relay_env)
         bad = [x for x in rows if x.developer_id in ("hanging-ai", "refusing-ai")]
-        assert bad and all(x.state not in ("delivered", "failed") for x in bad)
+        assert bad
+        assert all(x.state not in ("delivered", "failed") for x in bad)
         # One hanging request takes the 5 s timeout; 40 of them in order would take
         # minutes. The healthy ones did not wait for them.
         assert took < 40, took

@@ -98,7 +98,9 @@ def malformed() -> list[tuple[bytes, str | None]]:
     ]
 
 
-async def test_fifty_declarations_reach_exactly_their_receivers(relay_env: Any, worker_factory: Any) -> None:
+async def test_fifty_declarations_reach_exactly_their_receivers(
+    relay_env: Any, worker_factory: Any
+) -> None:
     """50 declarations for various targets, malformed ones mixed in: each receiver gets
     exactly the notices meant for it, every signature verifies, every malformed one
     is in the rejected topic with a reason naming the field, a repeated declaration id
@@ -208,7 +210,9 @@ async def test_fifty_declarations_reach_exactly_their_receivers(relay_env: Any, 
         [st] = json.loads(res.stdout)["declarations"]
         assert st["status"] == "relayed"
         devs = expected_developers(d)
-        states = {x["developer_id"]: x["state"] for x in st["deliveries"] if x["state"] != "skipped"}
+        states = {
+            x["developer_id"]: x["state"] for x in st["deliveries"] if x["state"] != "skipped"
+        }
         assert states == dict.fromkeys(devs, "acknowledged")
         types = [e["type"] for e in st["trail"]]
         assert types[:2] == ["declaration.received", "declaration.normalized"]
@@ -222,7 +226,8 @@ async def test_fifty_declarations_reach_exactly_their_receivers(relay_env: Any, 
 
     # Human-readable status renders too.
     res = relay_env.cli("status", "decl-000")
-    assert res.returncode == 0 and b"delivered" in res.stdout
+    assert res.returncode == 0
+    assert b"delivered" in res.stdout
 
     for r in receivers.values():
         await r.stop()

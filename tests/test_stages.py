@@ -22,7 +22,9 @@ from notice_relay.stages import (
 NOW = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
 
 
-def dev(dev_id: str, accepts: list[str], channels: list[dict[str, object]] | None = None) -> Developer:
+def dev(
+    dev_id: str, accepts: list[str], channels: list[dict[str, object]] | None = None
+) -> Developer:
     """A developer built the way the connector loader builds one."""
     return Developer.model_validate({
         "id": dev_id, "name": dev_id, "accepts": accepts,
@@ -51,14 +53,18 @@ def test_retry_after_is_a_floor() -> None:
     sched = [timedelta(seconds=1)]
     for seed in range(50):
         d = retry_delay(1, sched, retry_after=30, rng=random.Random(seed))
-        assert d is not None and d >= timedelta(seconds=30)
+        assert d is not None
+        assert d >= timedelta(seconds=30)
 
 
 def test_delivered_outcome_audits_attempt_and_delivery() -> None:
     """A delivered outcome yields delivery.attempted then delivery.delivered, no retry."""
     task = make_task()
     out = on_outcome(task, Outcome.delivered(task, receipt="r1", status_code=200))
-    assert [e.type for e in out.audit] == [AuditType.DELIVERY_ATTEMPTED, AuditType.DELIVERY_DELIVERED]
+    assert [e.type for e in out.audit] == [
+        AuditType.DELIVERY_ATTEMPTED,
+        AuditType.DELIVERY_DELIVERED,
+    ]
     assert out.retries == []
     assert out.audit[1].data["receipt"] == "r1"
 
@@ -69,7 +75,8 @@ def test_transient_outcome_schedules_a_durable_retry() -> None:
     o = Outcome.transient(task, "HTTP 503", status_code=503, attempted_at=NOW)
     out = on_outcome(task, o, schedule=[timedelta(seconds=10)], rng=random.Random(1))
     [retry] = out.retries
-    assert retry.attempt == 2 and retry.delivery_id == task.delivery_id
+    assert retry.attempt == 2
+    assert retry.delivery_id == task.delivery_id
     assert retry.not_before is not None
     assert timedelta(seconds=8) <= retry.not_before - NOW <= timedelta(seconds=12)
     assert out.audit[-1].type is AuditType.DELIVERY_RETRY_SCHEDULED
@@ -89,7 +96,8 @@ def test_permanent_outcome_fails_without_retry() -> None:
     """A permanent outcome fails at once."""
     task = make_task()
     out = on_outcome(task, Outcome.permanent(task, "HTTP 400", status_code=400))
-    assert out.retries == [] and out.audit[-1].type is AuditType.DELIVERY_FAILED
+    assert out.retries == []
+    assert out.audit[-1].type is AuditType.DELIVERY_FAILED
 
 
 def test_audit_event_ids_are_stable_across_reprocessing() -> None:
@@ -98,7 +106,8 @@ def test_audit_event_ids_are_stable_across_reprocessing() -> None:
     o = Outcome.delivered(task, attempted_at=NOW)
     a = [e.event_id for e in on_outcome(task, o).audit]
     b = [e.event_id for e in on_outcome(task, o).audit]
-    assert a == b and len(set(a)) == 2
+    assert a == b
+    assert len(set(a)) == 2
 
 
 def test_rejection_joins_the_trail_of_a_readable_id() -> None:
@@ -115,7 +124,11 @@ def test_rejection_joins_the_trail_of_a_readable_id() -> None:
 
 def test_fanout_targets_accepts_and_skips() -> None:
     """Fan-out plans one task per targeted developer sharing a use, and audits each skip."""
-    devs = {"a": dev("a", ["train-ai"]), "b": dev("b", ["ai-inference"]), "c": dev("c", ["data-mining"])}
+    devs = {
+        "a": dev("a", ["train-ai"]),
+        "b": dev("b", ["ai-inference"]),
+        "c": dev("c", ["data-mining"]),
+    }
     notice = make_notice(uses=[Use.TRAIN_AI, Use.TRAIN_GENAI])
     plan = plan_deliveries(notice, ["*"], devs, now=NOW)
     assert [t.developer_id for t in plan.tasks] == ["a"]

@@ -23,22 +23,22 @@ import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
 import faust
 import structlog
 from pydantic import ValidationError
 
-from notice_relay.audit.store import AuditStore
-from notice_relay.channels import build_channel
 from notice_relay.acks import AckRecord, ack_url, load_ack_secret, make_token
 from notice_relay.audit import worker_queries
 from notice_relay.audit.events import audit_event
+from notice_relay.audit.store import AuditStore
+from notice_relay.channels import build_channel
 from notice_relay.channels.base import Channel
 from notice_relay.channelstate import ChannelStates
 from notice_relay.config import Settings
 from notice_relay.connectors import Developer, Publisher, load_developers, load_publishers
-from notice_relay.errors import DeclarationInvalid, NoticeRelayError, StoreError
+from notice_relay.errors import DeclarationInvalid, StoreError
 from notice_relay.fanout import delivery_id as make_delivery_id
 from notice_relay.fanout import plan_deliveries
 from notice_relay.health import ChannelHealth, after_outcome
@@ -55,12 +55,12 @@ from notice_relay.models import (
     Notice,
     Outcome,
 )
-from notice_relay.normalize import notice_id as make_notice_id
 from notice_relay.normalize import normalize
+from notice_relay.normalize import notice_id as make_notice_id
 from notice_relay.stages import (
     DEFAULT_RETRY_SCHEDULE,
-    OutcomeRecord,
     Out,
+    OutcomeRecord,
     RelayedNotice,
     accept,
     duplicate,
@@ -74,7 +74,11 @@ from notice_relay.validate import parse_declaration
 log = structlog.get_logger("notice_relay.worker")
 
 #: Channel types this worker can deliver over.
-SUPPORTED_CHANNELS: tuple[ChannelType, ...] = (ChannelType.WEBHOOK, ChannelType.EMAIL, ChannelType.REGISTRY)
+SUPPORTED_CHANNELS: tuple[ChannelType, ...] = (
+    ChannelType.WEBHOOK,
+    ChannelType.EMAIL,
+    ChannelType.REGISTRY,
+)
 
 
 class Runtime:
@@ -106,7 +110,9 @@ class Runtime:
         date from the developer's ``ack_sla``. Deterministic, so a reminder or a
         re-planned delivery carries the same link."""
         due = planned_at + developer.ack_sla
-        token = make_token(self.ack_secret, delivery_id, developer.id, due + self.settings.ack_grace)
+        token = make_token(
+            self.ack_secret, delivery_id, developer.id, due + self.settings.ack_grace
+        )
         return AckInfo(url=ack_url(self.settings.public_url, token), due_by=due)
 
     def build_channels(self) -> None:
@@ -161,9 +167,15 @@ class Runtime:
 def held_event(task: DeliveryTask, reason: str | None) -> AuditEvent:
     """The audit event of a delivery held because its channel is disabled."""
     return audit_event(
-        AuditType.DELIVERY_HELD, task.declaration_key, unique=(task.attempt,),
-        delivery_id=task.delivery_id, developer_id=task.developer_id,
-        data={"channel": task.channel, "reason": f"channel disabled: {reason or 'no reason given'}"},
+        AuditType.DELIVERY_HELD,
+        task.declaration_key,
+        unique=(task.attempt,),
+        delivery_id=task.delivery_id,
+        developer_id=task.developer_id,
+        data={
+            "channel": task.channel,
+            "reason": f"channel disabled: {reason or 'no reason given'}",
+        },
     )
 
 
@@ -233,7 +245,9 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> faust.App:
     async def send_out(out: Out) -> list[Any]:
         futs = []
         for key, rej in out.rejected:
-            futs.append(await t_rejected.send(key=key.encode(), value=rej.model_dump_json().encode()))
+            futs.append(
+                await t_rejected.send(key=key.encode(), value=rej.model_dump_json().encode())
+            )
         for key, rn in out.notices:
             futs.append(await t_notices.send(key=key.encode(), value=rn.model_dump_json().encode()))
         for task in out.deliveries:
@@ -246,7 +260,7 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> faust.App:
                                            value=ev.model_dump_json().encode()))
         return futs
 
-    @app.task
+    @app.task  # type: ignore[untyped-decorator]  # faust's decorators are untyped
     async def load_channel_states() -> None:
         states.start()
 
@@ -267,7 +281,7 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> faust.App:
             source = f"{event.message.topic}:{event.message.partition}:{event.message.offset}"
             first = seen.get(decl.declaration_key)
             if first is not None:
-                first_fp, first_source = (first.split("@", 1) + [""])[:2]
+                first_fp, first_source = [*first.split("@", 1), ""][:2]
                 if first_source == source:
                     # The same message read again after a crash: its notice is already
                     # on the broker (it was marked seen only after that). Not a duplicate.
@@ -290,7 +304,7 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> faust.App:
             try:
                 relayed = RelayedNotice.model_validate_json(raw)
             except ValidationError as exc:
-                log.error("notice.unreadable", error=str(exc)[:500])
+                log.error("notice.unreadable", error=str(exc)[:500])  # noqa: TRY400 - bad input, no traceback
                 continue
             plan = plan_deliveries(relayed.notice, relayed.targets, rt.developers,
                                    now=utcnow(), supported=SUPPORTED_CHANNELS, ack_for=rt.ack_for)
@@ -353,14 +367,15 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> faust.App:
     async def deliver_agent(stream: faust.StreamT[bytes]) -> AsyncIterator[None]:
         # Manual acks: each message is acked when its outcome is out, in whatever
         # order the lanes finish; Faust commits up to the first one still in flight.
-        s = stream.noack()
+        # noack() is on faust.Stream, the runtime class, not on the StreamT protocol.
+        s = stream.noack()  # type: ignore[attr-defined]
         deliver_stream[:] = [s]
         await states.wait_ready()
         async for event in s.events():
             try:
                 task = DeliveryTask.model_validate_json(event.value)
             except ValidationError as exc:
-                log.error("delivery.unreadable", error=str(exc)[:500])
+                log.error("delivery.unreadable", error=str(exc)[:500])  # noqa: TRY400 - bad input, no traceback
                 await s.ack(event)
                 continue
             key = (task.developer_id, task.channel)
@@ -387,7 +402,8 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> faust.App:
                 if gate == "defer":
                     await schedule(task, utcnow() + timedelta(seconds=5))
                 else:
-                    await send_out(Out(audit=[gate]))
+                    # withdrawal_gate's only str is "defer": here gate is an AuditEvent.
+                    await send_out(Out(audit=[cast(AuditEvent, gate)]))
                 await s.ack(event)
                 continue
             admission = lane.admission()
@@ -409,7 +425,7 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> faust.App:
                 try:
                     rec = OutcomeRecord.model_validate_json(raw)
                 except ValidationError as exc:
-                    log.error("outcome.unreadable", error=str(exc)[:500])
+                    log.error("outcome.unreadable", error=str(exc)[:500])  # noqa: TRY400 - bad input, no traceback
                     continue
                 task, outcome = rec.task, rec.outcome
                 await send_out(on_outcome(task, outcome, schedule=rt.schedule_for(task),
@@ -432,7 +448,7 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> faust.App:
                 try:
                     task = DeliveryTask.model_validate_json(event.value)
                 except ValidationError as exc:
-                    log.error("retry.unreadable", error=str(exc)[:500])
+                    log.error("retry.unreadable", error=str(exc)[:500])  # noqa: TRY400 - bad input, no traceback
                     continue
                 entered = event.message.timestamp or time.time()
                 wait = entered + seconds - time.time()
@@ -460,7 +476,7 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> faust.App:
             try:
                 ack = AckRecord.model_validate_json(raw)
             except ValidationError as exc:
-                log.error("ack.unreadable", error=str(exc)[:500])
+                log.error("ack.unreadable", error=str(exc)[:500])  # noqa: TRY400 - bad input, no traceback
                 continue
             key = ack.declaration_key
             if key is None:
@@ -477,7 +493,7 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> faust.App:
                 data={"via": ack.via, "reference": ack.reference})]))
             yield None
 
-    @app.timer(settings.overdue_check.total_seconds(), on_leader=True)
+    @app.timer(settings.overdue_check.total_seconds(), on_leader=True)  # type: ignore[untyped-decorator]  # faust's decorators are untyped
     async def find_overdue() -> None:
         """Deliveries not acknowledged within their developer's ack_sla: overdue, audited,
         and a reminder sent over the same channel (a delivery of its own)."""
@@ -491,10 +507,19 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> faust.App:
             dev = rt.developers.get(row.developer_id)
             if dev is None or row.delivered_at is None or row.delivered_at + dev.ack_sla > now:
                 continue
-            out.audit.append(audit_event(
-                AuditType.DELIVERY_OVERDUE, row.declaration_key, delivery_id=row.delivery_id,
-                developer_id=row.developer_id, occurred_at=now,
-                data={"channel": row.channel, "due_by": (row.delivered_at + dev.ack_sla).isoformat()}))
+            out.audit.append(
+                audit_event(
+                    AuditType.DELIVERY_OVERDUE,
+                    row.declaration_key,
+                    delivery_id=row.delivery_id,
+                    developer_id=row.developer_id,
+                    occurred_at=now,
+                    data={
+                        "channel": row.channel,
+                        "due_by": (row.delivered_at + dev.ack_sla).isoformat(),
+                    },
+                )
+            )
             raw_notice = await worker_queries.notice_json(store, row.declaration_key)
             if raw_notice is None or ".reminder" in row.delivery_id:
                 continue
@@ -512,7 +537,7 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> faust.App:
         if out.audit:
             await send_out(out)
 
-    @app.timer(max(1.0, settings.sweep_after.total_seconds() / 4), on_leader=True)
+    @app.timer(max(1.0, settings.sweep_after.total_seconds() / 4), on_leader=True)  # type: ignore[untyped-decorator]  # faust's decorators are untyped
     async def sweep() -> None:
         """Repair: a delivery that should have moved long ago (a retry past its due
         time, a planned delivery never attempted) is re-sent from the store.
@@ -528,7 +553,8 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> faust.App:
         # topic: with a backlog, old planned deliveries are simply queued.
         c = app.consumer
         backlog = any(
-            (c.highwater(tp) or 0) > (c._committed_offset.get(tp) or 0)
+            # _committed_offset is on faust's Consumer implementation, not on ConsumerT.
+            (c.highwater(tp) or 0) > (c._committed_offset.get(tp) or 0)  # type: ignore[attr-defined]
             for tp in c.assignment() if tp.topic == topics.deliveries
         )
         for row in await worker_queries.stalled(store, now - settings.sweep_after,
@@ -556,7 +582,7 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> faust.App:
                 try:
                     events.append(AuditEvent.model_validate_json(raw))
                 except ValidationError as exc:
-                    log.error("audit.unreadable", error=str(exc)[:500])
+                    log.error("audit.unreadable", error=str(exc)[:500])  # noqa: TRY400 - bad input, no traceback
             delay = 0.5
             while True:
                 try:
@@ -577,7 +603,7 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> faust.App:
 
     rt.closers.append(close_lanes)
 
-    @app.task
+    @app.task  # type: ignore[untyped-decorator]  # faust's decorators are untyped
     async def install_task_dump() -> None:
         """SIGUSR1 logs what every asyncio task of the worker is waiting on (for
         operators diagnosing a stuck worker)."""
@@ -585,7 +611,8 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> faust.App:
         import sys
 
         def dump() -> None:
-            c = app.consumer
+            # Private attributes of faust's Consumer implementation, not on ConsumerT.
+            c: Any = app.consumer
             sys.stderr.write(f"--- consumer assignment={sorted(map(str, c.assignment()))}\n"
                              f"paused={sorted(map(str, c._paused_partitions))}\n"
                              f"active={sorted(map(str, c._active_partitions or ()))}\n"
@@ -598,8 +625,9 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> faust.App:
         with contextlib.suppress(NotImplementedError, RuntimeError):
             asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, dump)
 
-    @app.on_before_shutdown.connect
-    async def _close(app: faust.App, **_: Any) -> None:  # type: ignore[misc]
+    # mode's signal typing wants a `signal` keyword argument; **_ takes it at runtime.
+    @app.on_before_shutdown.connect  # type: ignore[arg-type]
+    async def _close(app: faust.App, **_: Any) -> None:
         await rt.close()
 
     return app
@@ -615,7 +643,4 @@ def run_worker(settings: Settings, *, loglevel: str = "warning") -> None:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     app = create_app(settings, rt)
     worker = faust.Worker(app, loglevel=loglevel, quiet=True)
-    try:
-        worker.execute_from_commandline()
-    except NoticeRelayError:
-        raise
+    worker.execute_from_commandline()

@@ -26,7 +26,9 @@ log = structlog.get_logger("notice_relay.channels")
 class ChannelStates:
     """The latest :class:`ChannelHealth` of every channel, kept current."""
 
-    def __init__(self, store: Callable[[], Awaitable[AuditStore]], poll_interval: float = 1.0) -> None:
+    def __init__(
+        self, store: Callable[[], Awaitable[AuditStore]], poll_interval: float = 1.0
+    ) -> None:
         self._store = store
         self.poll_interval = poll_interval
         self.states: dict[str, ChannelHealth] = {}

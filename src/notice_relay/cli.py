@@ -204,7 +204,9 @@ def cmd_receiver(args: argparse.Namespace, settings: Settings) -> int:
     secret = os.environ.get(args.secret_env)
     if not secret:
         raise ConfigError(f"environment variable {args.secret_env} (the webhook secret) is not set")
-    asyncio.run(serve_forever(secret.split()[0], args.port, Path(args.record) if args.record else None))
+    asyncio.run(
+        serve_forever(secret.split()[0], args.port, Path(args.record) if args.record else None)
+    )
     return 0
 
 
@@ -247,8 +249,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="notice-relay", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    v = sub.add_parser("validate", help="validate declarations, print normalized notices (no Kafka)")
-    v.add_argument("files", nargs="+", metavar="FILE", help="declaration JSON files, or - for stdin")
+    v = sub.add_parser(
+        "validate", help="validate declarations, print normalized notices (no Kafka)"
+    )
+    v.add_argument(
+        "files", nargs="+", metavar="FILE", help="declaration JSON files, or - for stdin"
+    )
     v.add_argument("--no-registry", action="store_true",
                    help="do not check publisher and target ids against the registry files")
     v.set_defaults(func=cmd_validate)
@@ -298,7 +304,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("receiver", help="run the reference webhook receiver (verifies signatures)")
     r.add_argument("--port", type=int, default=8081)
-    r.add_argument("--secret-env", required=True, help="environment variable holding the whsec_ secret")
+    r.add_argument(
+        "--secret-env", required=True, help="environment variable holding the whsec_ secret"
+    )
     r.add_argument("--record", help="append each request as a JSON line to this file")
     r.set_defaults(func=cmd_receiver)
     return p

@@ -120,7 +120,9 @@ class Lane(Generic[T]):
 
     def _ensure_running(self) -> None:
         if self._runner is None or self._runner.done():
-            self._runner = asyncio.create_task(self._run(), name=f"lane:{self.key[0]}/{self.key[1]}")
+            self._runner = asyncio.create_task(
+                self._run(), name=f"lane:{self.key[0]}/{self.key[1]}"
+            )
 
     async def _collect(self) -> list[tuple[T, DeliveryTask]]:
         first = await self.queue.get()
@@ -156,7 +158,9 @@ class Lane(Generic[T]):
                 outcomes = await self.channel.send(tasks)
             except Exception as exc:  # a channel bug must stay in its lane
                 log.exception("lane.channel_crashed", developer=self.key[0], channel=self.key[1])
-                outcomes = [Outcome.transient(t, f"internal error in channel: {exc!r}") for t in tasks]
+                outcomes = [
+                    Outcome.transient(t, f"internal error in channel: {exc!r}") for t in tasks
+                ]
             self.last_progress = time.monotonic()
             for (token, task), outcome in zip(batch, outcomes, strict=True):
                 self._observe(outcome)

@@ -31,7 +31,9 @@ def _scrub(value: Any) -> Any:
     return value
 
 
-def redact(_logger: Any, _name: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+def redact(
+    _logger: Any, _name: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
     """structlog processor: remove secrets and email addresses from an event."""
     for key in list(event_dict):
         if _SENSITIVE_KEYS.search(key):

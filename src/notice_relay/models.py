@@ -106,7 +106,9 @@ Email = Annotated[
     AfterValidator(_check_email),
     WithJsonSchema({"type": "string", "format": "email"}),
 ]
-HttpUrl = Annotated[str, StringConstraints(min_length=1, max_length=2048), AfterValidator(check_http_url)]
+HttpUrl = Annotated[
+    str, StringConstraints(min_length=1, max_length=2048), AfterValidator(check_http_url)
+]
 Sha256Hex = Annotated[str, StringConstraints(pattern=r"^[0-9a-fA-F]{64}$")]
 
 
@@ -126,7 +128,9 @@ class _Strict(BaseModel):
 class Artist(_Strict):
     """The artist a declaration speaks for, as the publisher knows them."""
 
-    artist_id: Annotated[str, StringConstraints(min_length=1, max_length=256), AfterValidator(_clean_line)]
+    artist_id: Annotated[
+        str, StringConstraints(min_length=1, max_length=256), AfterValidator(_clean_line)
+    ]
     display_name: Line
     aliases: list[Line] = Field(default_factory=list, max_length=MAX_ALIASES)
     profiles: list[HttpUrl] = Field(default_factory=list, max_length=MAX_PROFILES)
@@ -141,7 +145,10 @@ class Work(_Strict):
 
     url: HttpUrl
     sha256: Sha256Hex | None = None
-    title: Annotated[str, StringConstraints(min_length=1, max_length=500), AfterValidator(_clean_line)] | None = None
+    title: (
+        Annotated[str, StringConstraints(min_length=1, max_length=500), AfterValidator(_clean_line)]
+        | None
+    ) = None
 
 
 class Declaration(_Strict):
@@ -158,7 +165,9 @@ class Declaration(_Strict):
     uses: list[Use] = Field(min_length=1)
     targets: list[Identifier | Literal["*"]] = Field(min_length=1, max_length=1000)
     supersedes: Identifier | None = None
-    note: Annotated[str, StringConstraints(max_length=2000), AfterValidator(_clean_text)] | None = None
+    note: Annotated[str, StringConstraints(max_length=2000), AfterValidator(_clean_text)] | None = (
+        None
+    )
 
     @field_validator("declared_at")
     @classmethod
@@ -285,7 +294,7 @@ class ChannelType(StrEnum):
 
 
 class DeliveryTask(_Strict):
-    """One delivery: a notice × a developer × one of that developer's channels."""
+    """One delivery: a notice × a developer × one of that developer's channels."""  # noqa: RUF002 - product sign meant
 
     delivery_id: str
     notice: Notice
@@ -323,7 +332,9 @@ class Outcome(_Strict):
     latency_ms: float = 0.0
     status_code: int | None = None
     error: str | None = None
-    retry_after: float | None = Field(default=None, description="Seconds the receiver asked to wait.")
+    retry_after: float | None = Field(
+        default=None, description="Seconds the receiver asked to wait."
+    )
     receipt: str | None = None
     disable_channel: bool = Field(
         default=False, description="The receiver said the endpoint is gone (HTTP 410)."
@@ -339,8 +350,14 @@ class Outcome(_Strict):
     @classmethod
     def delivered(cls, task: DeliveryTask, *, receipt: str | None = None, **kw: Any) -> Outcome:
         """A successful attempt."""
-        return cls(delivery_id=task.delivery_id, kind=OutcomeKind.DELIVERED, attempt=task.attempt,
-                   attempted_at=kw.pop("attempted_at", None) or datetime.now(UTC), receipt=receipt, **kw)
+        return cls(
+            delivery_id=task.delivery_id,
+            kind=OutcomeKind.DELIVERED,
+            attempt=task.attempt,
+            attempted_at=kw.pop("attempted_at", None) or datetime.now(UTC),
+            receipt=receipt,
+            **kw,
+        )
 
     @classmethod
     def transient(cls, task: DeliveryTask, error: str, *, retry_after: float | None = None,
@@ -353,8 +370,14 @@ class Outcome(_Strict):
     @classmethod
     def permanent(cls, task: DeliveryTask, error: str, **kw: Any) -> Outcome:
         """A failed attempt that no retry will fix."""
-        return cls(delivery_id=task.delivery_id, kind=OutcomeKind.PERMANENT, attempt=task.attempt,
-                   attempted_at=kw.pop("attempted_at", None) or datetime.now(UTC), error=error, **kw)
+        return cls(
+            delivery_id=task.delivery_id,
+            kind=OutcomeKind.PERMANENT,
+            attempt=task.attempt,
+            attempted_at=kw.pop("attempted_at", None) or datetime.now(UTC),
+            error=error,
+            **kw,
+        )
 
 
 class DeliveryState(StrEnum):

@@ -74,9 +74,16 @@ async def set_channel(settings: Settings, key: str, *, enabled: bool, operator: 
     await ensure_topics(settings)
     current = (await _health(settings)).get(key) or ChannelHealth(developer_id=dev_id, channel=name)
     now = datetime.now(UTC)
-    new = set_enabled(current, enabled, now=now, by=f"operator:{operator}",
-                      reason=reason or (f"enabled by {operator}" if enabled else f"disabled by {operator}"))
-    await _publish_audit(settings, channel_event(new, now, Actor(kind=ActorKind.OPERATOR, id=operator)))
+    new = set_enabled(
+        current,
+        enabled,
+        now=now,
+        by=f"operator:{operator}",
+        reason=reason or (f"enabled by {operator}" if enabled else f"disabled by {operator}"),
+    )
+    await _publish_audit(
+        settings, channel_event(new, now, Actor(kind=ActorKind.OPERATOR, id=operator))
+    )
     return new
 
 

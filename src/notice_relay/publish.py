@@ -12,7 +12,9 @@ from notice_relay.errors import KafkaUnavailable
 from notice_relay.topics import Topics, ensure_topics
 
 
-async def publish_declarations(settings: Settings, items: Sequence[tuple[str | None, bytes]]) -> int:
+async def publish_declarations(
+    settings: Settings, items: Sequence[tuple[str | None, bytes]]
+) -> int:
     """Publish ``(artist_key, raw)`` pairs; return how many the broker acknowledged.
 
     Keying by artist keeps one artist's declarations in order, so a withdrawal never

@@ -128,7 +128,9 @@ class Receiver:
         await site.start()
         server = site._server
         if self.port == 0 and server is not None:
-            self.port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+            # aiohttp types _server as AbstractServer; at runtime it is an asyncio.Server,
+            # which has .sockets.
+            self.port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
         return self
 
     async def stop(self) -> None:

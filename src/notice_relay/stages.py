@@ -128,7 +128,9 @@ def accept(decl: Declaration, notice: Notice, now: datetime) -> Out:
     """A valid, new declaration: its notice goes on to fan-out, and it is audited."""
     key = decl.declaration_key
     out = Out()
-    out.notices.append((notice.artist_key, RelayedNotice(notice=notice, targets=list(decl.targets))))
+    out.notices.append(
+        (notice.artist_key, RelayedNotice(notice=notice, targets=list(decl.targets)))
+    )
     common = {"action": decl.action.value, "artist_ref": notice.artist.artist_ref,
               "fingerprint": notice.fingerprint}
     out.audit.append(audit_event(
@@ -200,8 +202,11 @@ def on_outcome(
     """Move a delivery on after one attempt: delivered, retry later, or failed."""
     out = Out()
     key = task.declaration_key
-    common = dict(delivery_id=task.delivery_id, developer_id=task.developer_id,
-                  occurred_at=outcome.attempted_at)
+    common = {
+        "delivery_id": task.delivery_id,
+        "developer_id": task.developer_id,
+        "occurred_at": outcome.attempted_at,
+    }
     attempt_data: dict[str, object] = {
         "attempt": outcome.attempt, "outcome": outcome.kind.value,
         "status_code": outcome.status_code, "latency_ms": round(outcome.latency_ms, 2),
@@ -234,7 +239,7 @@ def on_outcome(
             floor = max(floor or 0.0, slow_down_floor.total_seconds())
         # Jitter drawn from the delivery and attempt: an outcome processed twice (after
         # a crash) schedules its retry for the same moment, and audits the same event.
-        rng = rng or random.Random(f"{task.delivery_id}:{outcome.attempt}")
+        rng = rng or random.Random(f"{task.delivery_id}:{outcome.attempt}")  # noqa: S311 - jitter, not security
         delay = retry_delay(outcome.attempt, schedule, retry_after=floor, rng=rng)
     if delay is None:
         why = outcome.error or "failed"

@@ -7,6 +7,7 @@ silently cap the parallelism of every stage that reads it.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -14,7 +15,6 @@ from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
 from notice_relay.config import Settings
 from notice_relay.errors import KafkaUnavailable
-
 
 #: The delays of the retry tiers, in seconds. A retry waits in the tier whose delay
 #: is the longest not exceeding its remaining wait, then moves to the next tier or to
@@ -60,7 +60,7 @@ class Topics:
         p = settings.topic_prefix
         names = {n: f"{p}{n}" for n in cls.__dataclass_fields__ if n != "retry_tiers"}
         tiers = tuple((t, f"{p}{tier_name(t)}") for t in RETRY_TIERS)
-        return cls(**names, retry_tiers=tiers)  # type: ignore[arg-type]
+        return cls(**names, retry_tiers=tiers)
 
     def all(self) -> list[str]:
         """Every topic name."""
@@ -75,7 +75,11 @@ def _topic_config(name: str, topics: Topics) -> dict[str, str]:
     return {}
 
 
-async def ensure_topics(settings: Settings, *, timeout: float = 30.0) -> list[str]:
+async def ensure_topics(
+    settings: Settings,
+    *,
+    timeout: float = 30.0,  # noqa: ASYNC109 - Kafka's request timeout, not a wait on this call
+) -> list[str]:
     """Create the relay's topics that do not exist yet; return the ones created."""
     topics = Topics.from_settings(settings)
     admin = AIOKafkaAdminClient(
@@ -98,12 +102,14 @@ async def ensure_topics(settings: Settings, *, timeout: float = 30.0) -> list[st
                 )
                 for t in wanted
             ]
-            try:
+            # another worker created it between list and create
+            with contextlib.suppress(TopicAlreadyExistsError):
                 await admin.create_topics(new)
-            except TopicAlreadyExistsError:
-                pass  # another worker created it between list and create
-        return wanted
     except KafkaError as exc:
-        raise KafkaUnavailable(f"cannot create topics on {settings.kafka_bootstrap}: {exc}") from exc
+        raise KafkaUnavailable(
+            f"cannot create topics on {settings.kafka_bootstrap}: {exc}"
+        ) from exc
+    else:
+        return wanted
     finally:
         await admin.close()

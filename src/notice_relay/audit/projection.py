@@ -85,8 +85,13 @@ async def _apply_channel(conn: AsyncConnection, store: AuditStore, e: AuditEvent
     base = {"developer_id": dev, "channel": name, "enabled": True}
     if e.type in (AuditType.CHANNEL_DISABLED, AuditType.CHANNEL_ENABLED):
         enabled = e.type is AuditType.CHANNEL_ENABLED
-        values = {**base, "enabled": enabled, "reason": d.get("reason"), "changed_at": e.occurred_at,
-                  "changed_by": f"{e.actor.kind.value}:{e.actor.id}"}
+        values = {
+            **base,
+            "enabled": enabled,
+            "reason": d.get("reason"),
+            "changed_at": e.occurred_at,
+            "changed_by": f"{e.actor.kind.value}:{e.actor.id}",
+        }
         update = {k: v for k, v in values.items() if k not in ("developer_id", "channel")}
         if enabled:
             values["failing_since"] = update["failing_since"] = None

@@ -7,7 +7,13 @@ from datetime import datetime
 
 import sqlalchemy as sa
 
-from notice_relay.audit.store import AuditStore, DeliveryRow, _delivery_row, declarations, deliveries
+from notice_relay.audit.store import (
+    AuditStore,
+    DeliveryRow,
+    _delivery_row,
+    declarations,
+    deliveries,
+)
 
 
 async def withdrawn_declarations(store: AuditStore) -> set[str]:
@@ -25,7 +31,9 @@ async def delivery(store: AuditStore, delivery_id: str) -> DeliveryRow | None:
     return _delivery_row(row) if row is not None else None
 
 
-async def delivered_before(store: AuditStore, cutoff: datetime, limit: int = 1000) -> list[DeliveryRow]:
+async def delivered_before(
+    store: AuditStore, cutoff: datetime, limit: int = 1000
+) -> list[DeliveryRow]:
     """Deliveries delivered (not acknowledged, not yet overdue) before ``cutoff``."""
     q = (
         sa.select(deliveries)

@@ -33,8 +33,8 @@ from notice_relay.channels.base import (
 )
 from notice_relay.connectors import Developer, WebhookChannelConfig
 from notice_relay.errors import (
-    ChannelTimeout,
     ChannelError,
+    ChannelTimeout,
     ConfigError,
     PermanentChannelError,
     TransientChannelError,
