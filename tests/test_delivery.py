@@ -31,13 +31,13 @@ FAST = {
 #: Known defect (issue 3 stays open): after a worker is killed with SIGKILL and
 #: restarted, faust-streaming 0.15.3 sometimes never hands some fetched delivery
 #: tasks to the deliver agent, or stalls it, while their offsets are committed. The
-#: store-driven sweeper turns most such losses into delays, but not all yet. These
-#: tests fail in about one run in six; they stay in the suite, reported as xfail,
-#: until the cause is fixed.
+#: store-driven sweeper turns lost notices into late ones, but lost audit events are
+#: not restored. These tests fail in roughly one run in three to six; they stay in the
+#: suite, reported as xfail, until the cause is fixed.
 KNOWN_FAUST_RESTART_DEFECT = pytest.mark.xfail(
     strict=False,
-    reason="faust-streaming 0.15.3 loses or stalls delivery tasks after a SIGKILL restart "
-           "(about 1 run in 6); see docs/architecture.md, 'Known defect'",
+    reason="faust-streaming 0.15.3 drops fetched records after a SIGKILL restart "
+           "(roughly 1 run in 3 to 6); see docs/architecture.md, 'Known defect'",
 )
 
 

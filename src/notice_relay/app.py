@@ -570,7 +570,14 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> faust.App:
                 delivery_id=row.delivery_id, notice=notice, developer_id=row.developer_id,
                 channel=row.channel, channel_type=ChannelType(row.channel_type),
                 attempt=row.attempts + 1, planned_at=row.planned_at))
-        if out.deliveries:
+        if rt.developers:
+            for key, raw_notice, targets in await worker_queries.unfanned(
+                    store, now - settings.sweep_after):
+                notice = Notice.model_validate_json(raw_notice)
+                log.warning("sweep.refanout", declaration=key)
+                relayed = RelayedNotice(notice=notice, targets=targets)
+                out.notices.append((notice.artist_key, relayed))
+        if out.deliveries or out.notices:
             await send_out(out)
 
     @app.agent(t_audit, name="project")

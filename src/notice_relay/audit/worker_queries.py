@@ -3,6 +3,7 @@ state, and deliveries whose acknowledgement is overdue."""
 
 from __future__ import annotations
 
+import json
 from datetime import datetime
 
 import sqlalchemy as sa
@@ -65,3 +66,32 @@ async def stalled(store: AuditStore, cutoff: datetime, *, include_planned: bool,
     q = sa.select(deliveries).where(cond).order_by(deliveries.c.updated_at).limit(limit)
     async with store.engine.connect() as conn:
         return [_delivery_row(r) for r in (await conn.execute(q)).all()]
+
+
+async def unfanned(
+    store: AuditStore, cutoff: datetime, limit: int = 200
+) -> list[tuple[str, str, list[str]]]:
+    """Declarations relayed before ``cutoff`` that have no delivery at all (not even a
+    skip): their notice never reached fan-out. Returns (key, notice JSON, targets)."""
+    from notice_relay.audit.store import events
+
+    has_delivery = sa.exists().where(deliveries.c.declaration_key == declarations.c.declaration_key)
+    q = (
+        sa.select(declarations.c.declaration_key, declarations.c.notice)
+        .where(declarations.c.status == "relayed", declarations.c.updated_at < cutoff,
+               declarations.c.notice.is_not(None), ~has_delivery)
+        .limit(limit)
+    )
+    out: list[tuple[str, str, list[str]]] = []
+    async with store.engine.connect() as conn:
+        for key, notice in (await conn.execute(q)).all():
+            row = (await conn.execute(
+                sa.select(events.c.data).where(events.c.declaration_key == key,
+                                               events.c.type == "declaration.normalized")
+            )).first()
+            if row is None:
+                continue
+            targets = json.loads(row[0]).get("targets")
+            if isinstance(targets, list) and targets:
+                out.append((key, notice, [str(t) for t in targets]))
+    return out
