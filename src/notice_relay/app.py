@@ -334,6 +334,9 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> faust.App:
                 return None
             if row is not None and row.state in ("planned", "sending", "retry_scheduled", "held"):
                 return "defer"
+            if row is None and utcnow() - task.planned_at < timedelta(minutes=2):
+                # The store may not have projected the original delivery yet.
+                return "defer"
             return audit_event(
                 AuditType.DELIVERY_SKIPPED, task.declaration_key, delivery_id=task.delivery_id,
                 developer_id=task.developer_id,
