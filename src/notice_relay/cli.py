@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from notice_relay.config import Settings
@@ -50,7 +51,9 @@ def _registry(settings: Settings, use: bool) -> tuple[Any, Any]:
 
 
 def _print_invalid(name: str, exc: DeclarationInvalid) -> None:
-    err.print(f"[bold red]{name}: invalid declaration[/]: {exc.reason}", markup=True)
+    # The reason quotes the input: escaped, so "[/]" in a declaration is text, not markup.
+    err.print(f"[bold red]{escape(name)}: invalid declaration[/]: {escape(exc.reason)}",
+              markup=True)
     for fe in exc.errors:
         err.print(f"  - {fe.field}: {fe.message}", markup=False)
 

@@ -93,6 +93,15 @@ def _check_email(value: str) -> str:
     except email_validator.EmailNotValidError as exc:
         if "special-use or reserved name" not in str(exc):
             raise ValueError(f"is not a valid email address: {exc}") from None
+        # email-validator stops at the reserved name, before its last checks (a
+        # display name "Name <a@b>", the overall length): run them on a stand-in
+        # domain of the same shape (a closing ">" kept, so a display name is named).
+        local, _, domain = value.rpartition("@")
+        stand_in = "".join(ch if ch in ".>" else "a" for ch in domain)
+        try:
+            email_validator.validate_email(f"{local}@{stand_in}", check_deliverability=False)
+        except email_validator.EmailNotValidError as again:
+            raise ValueError(f"is not a valid email address: {again}") from None
     return value
 
 

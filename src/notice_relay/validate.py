@@ -20,6 +20,9 @@ Decisions:
   which value wins, and a declaration must mean one thing to every reader.
 - A document whose ``schema`` names another version is refused with that one reason:
   checking it against v1's rules would only produce noise.
+- ``declared_at`` must be written as RFC 3339 requires (``2026-03-01T12:00:00+09:00``,
+  ``…Z``). pydantic alone would also read a Unix time in a string, ``+0900`` and times
+  without seconds; what the contract says is what every publisher's parser reads.
 - Messages never echo the contact email, and echo other input only up to
   :data:`ECHO_LIMIT` characters.
 """
@@ -58,6 +61,11 @@ _IDENTIFIER_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
 _SHA256_PATTERN = r"^[0-9a-fA-F]{64}$"
 _ID_RULE = "1-128 characters of A-Z a-z 0-9 . _ : -"
 _TIMESTAMP_EXAMPLE = "2026-03-01T12:00:00+09:00"
+# RFC 3339 section 5.6 date-time ("T" or, as its note allows, a space; any case).
+_RFC3339 = re.compile(
+    r"^[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}:[0-9]{2}(?:\.[0-9]+)?"
+    r"(?:[Zz]|[+-][0-9]{2}:[0-9]{2})$"
+)
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _FIELD_PREFIX = re.compile(r"^([a-z_][a-z0-9_]*(?:\.[a-z0-9_]+)*): (.+)$", re.DOTALL)
 _UTF8_BOM = b"\xef\xbb\xbf"
@@ -133,8 +141,18 @@ def _parse(
     try:
         decl = Declaration.model_validate_json(text)
     except pydantic.ValidationError as exc:
-        raise _invalid(exc) from None
-    errors = _duplicate_keys(text)
+        raise _invalid(exc, text) from None
+    doc = json.loads(text, object_pairs_hook=_object)
+    errors = _duplicate_keys(doc)
+    stamp = doc.get("declared_at")
+    if isinstance(stamp, str) and not _RFC3339.match(stamp):
+        # pydantic also reads Unix times ("1772334000"), "+0900" and times without
+        # seconds; the contract is RFC 3339.
+        errors.append(FieldError(
+            field="declared_at",
+            message=f"must be an RFC 3339 timestamp with offset, e.g. {_TIMESTAMP_EXAMPLE}, "
+            f"got {_echo(stamp)}",
+        ))
     if not normalize_name(decl.artist.display_name):
         errors.append(FieldError(
             field="artist.display_name",
@@ -161,7 +179,7 @@ def _parse(
     return decl
 
 
-def _invalid(exc: pydantic.ValidationError) -> DeclarationInvalid:
+def _invalid(exc: pydantic.ValidationError, text: str) -> DeclarationInvalid:
     details = exc.errors(include_url=False)
     for err in details:
         if err["type"] == "json_invalid":
@@ -176,7 +194,11 @@ def _invalid(exc: pydantic.ValidationError) -> DeclarationInvalid:
                 f"unsupported schema {_echo(schema)}; this relay accepts {DECLARATION_SCHEMA_V1}"
             )
             return DeclarationInvalid(reason, [FieldError(field="schema", message=reason)])
-    errors = validation_errors(exc)
+    # A repeated key is named even when other rules fail: the value that won may be
+    # what broke them (a second "action": "withdraw" makes supersedes required). The
+    # text parsed, so it nests less deeply than json.loads can follow.
+    errors = _duplicate_keys(json.loads(text, object_pairs_hook=_object))
+    errors.extend(validation_errors(exc))
     return DeclarationInvalid(_summary(errors), errors[:MAX_ERRORS])
 
 
@@ -222,8 +244,9 @@ def _object(pairs: list[tuple[str, Any]]) -> _Object:
     return obj
 
 
-def _duplicate_keys(text: str) -> list[FieldError]:
-    # Only called on text the model accepted, so nesting is shallow.
+def _duplicate_keys(doc: Any) -> list[FieldError]:
+    # Only called on text pydantic's parser read (it stops at about 200 levels), so
+    # the recursion is bounded.
     found: list[FieldError] = []
 
     def walk(node: Any, path: tuple[str | int, ...]) -> None:
@@ -242,7 +265,7 @@ def _duplicate_keys(text: str) -> list[FieldError]:
             for i, value in enumerate(node):
                 walk(value, (*path, i))
 
-    walk(json.loads(text, object_pairs_hook=_object), ())
+    walk(doc, ())
     return found
 
 

@@ -40,11 +40,20 @@ _PAGE = """<!doctype html>
 """
 
 
-def _verify(state: ApiState, token: str) -> tuple[str, str]:
+async def _verify(state: ApiState, token: str) -> tuple[str, str]:
     try:
-        return verify_token(state.ack_secret, token)
+        delivery_id, developer_id = verify_token(state.ack_secret, token)
     except AckTokenInvalid as exc:
         raise ApiError(401, str(exc), code="invalid_token") from None
+    # The relay signs a token for the delivery's own developer only; one naming another
+    # developer (a leaked or shared ack secret) must not acknowledge in their name. A
+    # delivery the store does not know yet is accepted: the ack may overtake the
+    # projection of its planning.
+    row = await delivery_by_id(state.store, delivery_id)
+    if row is not None and row.developer_id != developer_id:
+        raise ApiError(401, "ack token is not for this delivery's developer",
+                       code="invalid_token")
+    return delivery_id, developer_id
 
 
 async def _publish(state: ApiState, delivery_id: str, developer_id: str, via: str,
@@ -69,7 +78,7 @@ async def post_ack(
     """With ``token``: no key needed. With ``delivery_id``: a developer key, and the
     delivery must be that developer's (another's is 404, like a missing one)."""
     if body.token is not None:
-        delivery_id, developer_id = _verify(state, body.token)
+        delivery_id, developer_id = await _verify(state, body.token)
         return await _publish(state, delivery_id, developer_id, "token", body.reference)
     assert body.delivery_id is not None
     if principal is None:
@@ -98,7 +107,7 @@ async def get_ack(
     principal: Annotated[Principal | None, Depends(optional_principal)],
 ) -> Response | AckAccepted:
     """A GET acknowledges, because links in emails are clicked (see the module notes)."""
-    delivery_id, developer_id = _verify(state, token)
+    delivery_id, developer_id = await _verify(state, token)
     accepted = await _publish(state, delivery_id, developer_id, "token_link", None)
     headers = {"Cache-Control": "no-store", "Referrer-Policy": "no-referrer"}
     if "text/html" in request.headers.get("accept", ""):
