@@ -83,8 +83,55 @@ async def eventually(
 
         worker.proc.send_signal(signal.SIGUSR1)  # the worker logs its tasks' stacks
         await asyncio.sleep(1)
-    extra = f"\nworker log:\n{worker.output()[-3000:]}" if worker is not None else ""
+    extra = ""
+    if worker is not None:
+        extra = f"\n{await diagnose(worker.env)}\nworker log:\n{worker.output()[-3000:]}"
     raise AssertionError(f"timed out after {timeout}s waiting for {what}{extra}")
+
+
+async def diagnose(env: Any) -> str:
+    """Where a stuck test stands: the consumer group's lag on each topic of the test,
+    and the deliveries of the store by state (for the assertion message)."""
+    from collections import Counter
+
+    from aiokafka import AIOKafkaConsumer
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    lines = []
+    admin = AIOKafkaAdminClient(bootstrap_servers=env.bootstrap)
+    consumer = AIOKafkaConsumer(bootstrap_servers=env.bootstrap)
+    try:
+        await admin.start()
+        await consumer.start()
+        committed = await admin.list_consumer_group_offsets(env.app_id)
+        for topic in sorted({tp.topic for tp in await _topic_partitions(consumer, env)}):
+            parts = [tp for tp in await _topic_partitions(consumer, env) if tp.topic == topic]
+            ends = await consumer.end_offsets(parts)
+            row = []
+            for tp in sorted(parts, key=lambda t: t.partition):
+                meta = committed.get(tp)
+                row.append(f"{tp.partition}:{meta.offset if meta else '-'}/{ends[tp]}")
+            lines.append(f"  {topic[len(env.prefix):]}: {' '.join(row)}")
+    except Exception as exc:  # diagnostics must not hide the failure
+        lines.append(f"  (lag unavailable: {exc!r})")
+    finally:
+        await consumer.stop()
+        await admin.close()
+    try:
+        states = Counter(row.state for row in await deliveries(env))
+        lines.append(f"  store deliveries by state: {dict(states)}")
+    except Exception as exc:  # diagnostics must not hide the failure
+        lines.append(f"  (store unavailable: {exc!r})")
+    return "committed/end offsets per partition:\n" + "\n".join(lines)
+
+
+async def _topic_partitions(consumer: Any, env: Any) -> list[Any]:
+    from aiokafka import TopicPartition
+
+    topics = await consumer.topics()
+    parts = env.settings().partitions
+    return [TopicPartition(t, p) for t in sorted(topics) if t.startswith(env.prefix)
+            for p in range(parts)]
 
 
 async def deliveries(env: Any) -> list[DeliveryRow]:

@@ -28,19 +28,6 @@ FAST = {
 
 
 
-#: Known defect (issue 3 stays open): after a worker is killed with SIGKILL and
-#: restarted, faust-streaming 0.15.3 sometimes never hands some fetched delivery
-#: tasks to the deliver agent, or stalls it, while their offsets are committed. The
-#: store-driven sweeper turns lost notices into late ones, but lost audit events are
-#: not restored. These tests fail in roughly one run in three to six; they stay in the
-#: suite, reported as xfail, until the cause is fixed.
-KNOWN_FAUST_RESTART_DEFECT = pytest.mark.xfail(
-    strict=False,
-    reason="faust-streaming 0.15.3 drops fetched records after a SIGKILL restart "
-           "(roughly 1 run in 3 to 6); see docs/architecture.md, 'Known defect'",
-)
-
-
 @pytest.fixture
 async def receivers() -> AsyncIterator[dict[str, Receiver]]:
     """Real receivers, stopped at the end of the test."""
@@ -68,7 +55,6 @@ def start_worker(env: Any, worker_factory: Any, **extra: str) -> Any:
     return worker_factory()
 
 
-@KNOWN_FAUST_RESTART_DEFECT
 async def test_transient_failures_are_retried_and_survive_a_restart(
     relay_env: Any, worker_factory: Any, receivers: dict[str, Receiver]
 ) -> None:
@@ -272,7 +258,6 @@ async def _never_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWrit
         writer.close()
 
 
-@KNOWN_FAUST_RESTART_DEFECT
 async def test_sigkill_during_delivery_loses_nothing(
     relay_env: Any, worker_factory: Any, receivers: dict[str, Receiver]
 ) -> None:

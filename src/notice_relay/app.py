@@ -57,6 +57,7 @@ from notice_relay.models import (
 )
 from notice_relay.normalize import normalize
 from notice_relay.normalize import notice_id as make_notice_id
+from notice_relay.safe_offsets import RelayApp
 from notice_relay.stages import (
     DEFAULT_RETRY_SCHEDULE,
     Out,
@@ -197,7 +198,7 @@ def _raw_topic(app: faust.App, name: str, partitions: int) -> Any:
 def create_app(settings: Settings, runtime: Runtime | None = None) -> faust.App:
     """Build the Faust app for ``settings``."""
     rt = runtime or Runtime.load(settings)
-    app = faust.App(
+    app = RelayApp(
         settings.app_id,
         broker=[f"kafka://{h.strip()}" for h in settings.kafka_bootstrap.split(",")],
         store="memory://",

@@ -1,0 +1,210 @@
+"""Offset commits that never pass a message nobody processed.
+
+faust-streaming 0.15's consumer decides what to commit from the offsets its streams
+have acknowledged. Three of its rules can commit past a message that was never
+processed, which a crash then turns into a lost notice:
+
+1. When a partition has no committed offset yet, or its committed offset is 0, it
+   keeps ``None`` as the committed position and commits the first run of consecutive
+   acknowledged offsets wherever that run starts. A stage that acknowledges out of
+   order (``deliver`` acks each task when its lane finishes) thus commits past a task
+   still in flight at the head of the partition.
+2. Otherwise it refuses a gap at the head only when the gap is *more* than one message
+   (``min(acked) - committed > 1``), so exactly one unprocessed message at the head is
+   committed past (this is the loss of faust-streaming issue 606).
+3. During a rebalance, a stream that meets a message of an older consumer generation,
+   or while flow control is suspended, skips it and *acknowledges* it ("otherwise the
+   lag would increase"), and the acknowledged offset can be committed once the
+   partition is assigned again, though the message was never handed to an agent.
+
+:class:`SafeConsumer` fixes all three, keeping everything else of faust's consumer:
+
+- it learns where each partition starts (the committed offset, else the consumer's
+  fetch position) when faust seeks to the committed offsets after every rebalance;
+- it commits only a run of acknowledged offsets that begins exactly there;
+- it does not count an acknowledgement of a message from an older generation, or one
+  made while flow is suspended: such a message is read again from the committed
+  offset after the rebalance (at-least-once: a duplicate, never a loss).
+
+One more safeguard covers what the first three cannot see: around a rebalance faust
+can drop a fetched message on its way to the stream without anyone acknowledging it
+(faust-streaming issues 166 and 629). The commit then stops at that message, which is
+safe but would hold the partition's commits back until the next rebalance. When a
+partition's head stays unprocessed for ``reread_after`` seconds while later offsets are
+done and no stream holds the head, the partition is read again from the head.
+
+:class:`RelayApp` is a :class:`faust.App` whose transport builds this consumer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from bisect import bisect_left
+from typing import Any
+
+import faust
+import structlog
+from faust.transport.drivers import aiokafka as faust_aiokafka
+from faust.types import TP, Message
+
+log = structlog.get_logger("notice_relay.offsets")
+
+__all__ = ["RelayApp", "SafeConsumer", "SafeTransport", "committable_offset"]
+
+
+def committable_offset(acked: list[int], head: int | None) -> tuple[int | None, list[int]]:
+    """The offset to commit given the acknowledged offsets and the partition's head.
+
+    ``head`` is the first offset not yet committed (where reading resumes after a
+    crash). Returns the new committed offset (or None: nothing may be committed) and
+    the offsets consumed by it, which the caller forgets. Offsets below ``head`` are
+    stale (already committed) and are consumed too. ``acked`` must be sorted.
+    """
+    if head is None or not acked:
+        return None, []
+    start = bisect_left(acked, head)
+    consumed = acked[:start]
+    rest = acked[start:]
+    if not rest or rest[0] != head:
+        return None, consumed
+    end = 1
+    while end < len(rest) and rest[end] == rest[end - 1] + 1:
+        end += 1
+    return rest[end - 1] + 1, consumed + rest[:end]
+
+
+class SafeConsumer(faust_aiokafka.Consumer):
+    """faust's aiokafka consumer with the commit rules described in the module doc."""
+
+    async def perform_seek(self) -> None:
+        """Seek every partition to its committed offset and remember each one's head."""
+        committed = await self.seek_to_committed()
+        acks_enabled_for = self.app.topics.acks_enabled_for
+        heads: dict[TP, int] = {}
+        fresh: list[TP] = []
+        for tp, offset in committed.items():
+            if offset is not None and offset >= 0:
+                heads[tp] = offset
+            elif acks_enabled_for(tp.topic):
+                fresh.append(tp)
+        if fresh:
+            # Nothing committed yet: reading starts at the start of the log (the app's
+            # auto_offset_reset is "earliest"). Not the fetch position: faust may have
+            # fetched, and even processed, messages of the partition already.
+            earliest = await self.earliest_offsets(*fresh)
+            for tp in fresh:
+                if earliest.get(tp) is not None:
+                    heads[tp] = earliest[tp]
+        for tp in committed:
+            head = heads.get(tp)
+            # faust's read offset: None means "accept whatever comes first".
+            self._read_offset[tp] = head
+            self._committed_offset[tp] = head
+            # Acknowledgements already recorded stay: ack() counts only those of the
+            # current generation, so each is of a message processed since the
+            # assignment (faust may hand messages to streams before this seek).
+
+    def ack(self, message: Message) -> bool:
+        """Count the acknowledgement of a message processed in the current generation."""
+        app = self.app
+        if (message.generation_id != app.consumer_generation_id
+                or not app.flow_control.is_active()):
+            # Skipped during a rebalance, or finished after it: the partition is read
+            # again from its committed offset, so this one must not be counted.
+            message.acked = True
+            self._unacked_messages.discard(message)
+            return False
+        return super().ack(message)
+
+    def _new_offset(self, tp: TP) -> int | None:
+        acked: list[int] = self._acked[tp]
+        if not acked:
+            return None
+        gaps = self._gap[tp]
+        if gaps:
+            # Offsets that do not exist (compaction, transaction markers) count as done.
+            max_offset = max(acked)
+            for interval in gaps.overlap(0, max_offset + 1):
+                acked.extend(range(interval.begin, min(interval.end, max_offset + 1)))
+            gaps.chop(0, max_offset + 1)
+        acked[:] = sorted(set(acked))
+        head = self._committed_offset[tp]
+        offset, consumed = committable_offset(acked, head)
+        if consumed:
+            del acked[: len(consumed)]
+            self._acked_index[tp].difference_update(consumed)
+        if offset is None and head is not None and acked:
+            self._watch_head(tp, head)
+        else:
+            self._blocked.pop(tp, None)
+        return offset
+
+    # ------------------------------------------------------------ lost heads
+
+    #: Seconds a partition's head may stay unprocessed while later offsets are done and
+    #: no stream holds the head, before the partition is read again from the head.
+    reread_after: float = 10.0
+
+    @property
+    def _blocked(self) -> dict[TP, tuple[int, float]]:
+        blocked: dict[TP, tuple[int, float]] | None = self.__dict__.get("_nr_blocked")
+        if blocked is None:
+            blocked = self.__dict__["_nr_blocked"] = {}
+        return blocked
+
+    def _holds(self, tp: TP, offset: int) -> bool:
+        """Whether a stream is still working on the message at ``tp``/``offset``."""
+        return any(m.offset == offset and m.tp == tp and not m.acked
+                   for m in list(self._unacked_messages))
+
+    def _watch_head(self, tp: TP, head: int) -> None:
+        """The head of ``tp`` is not done though later offsets are. While a stream holds
+        it (a slow delivery, a retry tier waiting), that is fine. If nobody holds it for
+        ``reread_after`` seconds, faust dropped it on the way to the stream (as happens
+        around rebalances): read the partition again from the head. What was already
+        processed after it is processed again (at-least-once: delivery ids are stable)."""
+        now = time.monotonic()
+        if self._holds(tp, head):
+            self._blocked.pop(tp, None)
+            return
+        since = self._blocked.get(tp)
+        if since is None or since[0] != head:
+            self._blocked[tp] = (head, now)
+            return
+        if now - since[1] < self.reread_after:
+            return
+        self._blocked.pop(tp, None)
+        log.warning("offsets.reread", topic=tp.topic, partition=tp.partition, offset=head)
+        task = asyncio.ensure_future(self._reread(tp, head))
+        self._rereads.add(task)
+        task.add_done_callback(self._rereads.discard)
+
+    @property
+    def _rereads(self) -> set[asyncio.Future[None]]:
+        tasks: set[asyncio.Future[None]] | None = self.__dict__.get("_nr_rereads")
+        if tasks is None:
+            tasks = self.__dict__["_nr_rereads"] = set()
+        return tasks
+
+    async def _reread(self, tp: TP, head: int) -> None:
+        if tp not in self.assignment():
+            return
+        # Offsets already done stay done; the ones after the head are simply read again.
+        await self.seek(tp, head)
+
+
+class SafeTransport(faust_aiokafka.Transport):
+    """The aiokafka transport, building :class:`SafeConsumer`."""
+
+    Consumer = SafeConsumer
+
+
+class RelayApp(faust.App):
+    """A :class:`faust.App` whose consumer commits only what was processed."""
+
+    def _new_transport(self) -> Any:
+        return SafeTransport(self.conf.broker_consumer, self)
+
+    def _new_producer_transport(self) -> Any:
+        return SafeTransport(self.conf.broker_producer, self)
