@@ -9,11 +9,11 @@ Stages (each a Faust agent, each a thin shell around :mod:`notice_relay.stages`)
 - ``retry``      retries → deliveries, when each task is due
 - ``project``    audit → the audit store
 
-Every agent runs with concurrency 1. Parallelism inside ``deliver`` comes from
-sending a whole batch (``stream.take``) concurrently; Faust acks the batch's events
-only after the loop body has produced their outcomes, and flushes the producer
-before it commits, so an offset is never committed past a task still in flight
-(faust-streaming issue 606 is about agent concurrency > 1, which we do not use).
+Every agent runs with concurrency 1. Parallelism inside ``deliver`` comes from the
+per-channel lanes: each task is acked when its outcome is out, in any order, and
+:class:`notice_relay.safe_offsets.SafeConsumer` commits only a run of processed offsets
+that starts at the partition's head, so an offset is never committed past a task still
+in flight (see docs/architecture.md, "At-least-once").
 """
 
 from __future__ import annotations
@@ -544,12 +544,10 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> faust.App:
     @app.timer(max(1.0, settings.sweep_after.total_seconds() / 4), on_leader=True)  # type: ignore[untyped-decorator]  # faust's decorators are untyped
     async def sweep() -> None:
         """Repair: a delivery that should have moved long ago (a retry past its due
-        time, a planned delivery never attempted) is re-sent from the store.
-        faust-streaming 0.15 was seen to commit offsets past delivery tasks it never
-        handed to the agent after a worker was killed and restarted (see
-        docs/architecture.md); the store knows every planned delivery, so such a
-        loss becomes a delay. Delivery ids are stable: a delivery that was only late
-        is deduplicated by receivers."""
+        time, a planned delivery never attempted) is re-sent from the store. A second
+        line of defence behind the commit rules of safe_offsets: the store knows every
+        planned delivery, so a task lost anyway becomes a delay. Delivery ids are
+        stable: a delivery that was only late is deduplicated by receivers."""
         store = await rt.store()
         now = utcnow()
         out = Out()
