@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import datetime, timedelta
@@ -73,6 +74,10 @@ from notice_relay.topics import Topics, tier_for
 from notice_relay.validate import parse_declaration
 
 log = structlog.get_logger("notice_relay.worker")
+
+#: Libraries whose loggers get the worker's level explicitly.
+QUIET_LIBRARIES = ("aiosqlite", "aiokafka", "faust", "mode", "httpcore", "httpx", "aiohttp",
+                   "sqlalchemy", "asyncio")
 
 #: Channel types this worker can deliver over.
 SUPPORTED_CHANNELS: tuple[ChannelType, ...] = (
@@ -651,5 +656,15 @@ def run_worker(settings: Settings, *, loglevel: str = "warning") -> None:
     asyncio.run(ensure_topics(settings))
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     app = create_app(settings, rt)
+    level = getattr(logging, loglevel.upper(), logging.WARNING)
+
+    @app.task  # type: ignore[untyped-decorator]  # faust's decorators are untyped
+    async def set_library_log_levels() -> None:
+        # After the worker set up logging: without explicit levels the libraries'
+        # per-operation debug records (aiosqlite, aiokafka, httpcore) are built and
+        # then dropped, a few per cent of the worker's CPU under load.
+        for name in ("", *QUIET_LIBRARIES):
+            logging.getLogger(name).setLevel(level)
+
     worker = faust.Worker(app, loglevel=loglevel, quiet=True)
     worker.execute_from_commandline()

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +24,8 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
+from notice_relay.audit.batch import apply_batch
 from notice_relay.audit.chain import GENESIS, event_hash
-from notice_relay.audit.projection import apply_event
 from notice_relay.errors import StoreError
 from notice_relay.models import AuditEvent
 
@@ -237,8 +237,13 @@ def _aware(value: datetime | None) -> datetime | None:
     return value
 
 
+_ZERO = timedelta(0)
+
+
 def _in_utc(event: AuditEvent) -> AuditEvent:
-    if event.occurred_at.tzinfo is UTC:
+    # pydantic parses "Z" into its own UTC tzinfo (not datetime.UTC); any zero offset
+    # serializes the same, so only other offsets need a copy.
+    if event.occurred_at.tzinfo is UTC or event.occurred_at.utcoffset() == _ZERO:
         return event
     return event.model_copy(update={"occurred_at": event.occurred_at.astimezone(UTC)})
 
@@ -395,8 +400,7 @@ class AuditStore:
             ),
             head_rows,
         )
-        for e in fresh:
-            await apply_event(conn, self, e)
+        await apply_batch(conn, self, fresh)
         return len(fresh)
 
     # ------------------------------------------------------------------ reading
