@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: setup demo test check kafka-start kafka-stop pg-start pg-stop clean
+.PHONY: setup demo test check bench faults soak kafka-start kafka-stop pg-start pg-stop clean
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11+ is required"'
@@ -28,8 +28,14 @@ test: setup
 	$(BIN)/python -m pytest
 
 check: setup
-	$(BIN)/ruff check src tests scripts
+	$(BIN)/ruff check src tests scripts bench
 	$(BIN)/mypy
+
+faults: setup
+	$(BIN)/python scripts/faults.py
+
+soak: setup
+	$(BIN)/python scripts/soak.py
 
 kafka-start: setup
 	$(BIN)/python scripts/localkafka.py start
@@ -42,6 +48,9 @@ pg-start: setup
 
 pg-stop:
 	$(BIN)/python scripts/localpg.py stop
+
+bench: setup
+	$(BIN)/python bench/run.py
 
 clean:
 	rm -rf var .pytest_cache .mypy_cache .ruff_cache

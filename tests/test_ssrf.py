@@ -23,6 +23,7 @@ from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import aiohttp
 import httpcore
 import httpx
 import pytest
@@ -75,6 +76,21 @@ def tripwire(monkeypatch: pytest.MonkeyPatch) -> Tripwire:
                               socket_options=socket_options)
 
     monkeypatch.setattr(httpcore.AnyIOBackend, "connect_tcp", connect_tcp)
+
+    # The same tripwire under aiohttp's guard (NOTICE_RELAY_HTTP_CLIENT=aiohttp or
+    # httpx-aiohttp): the socket addresses aiohttp is about to connect to.
+    original_wrap = aiohttp.TCPConnector._wrap_create_connection
+
+    async def wrap_create_connection(self: aiohttp.TCPConnector, *args: Any,
+                                     addr_infos: list[Any], **kwargs: Any) -> Any:
+        hosts = [str(info[4][0]) for info in addr_infos]
+        wire.attempts.extend(hosts)
+        if not all(ipaddress.ip_address(h).is_loopback for h in hosts):
+            raise aiohttp.ClientConnectorError(
+                kwargs["req"].connection_key, OSError(f"tripwire: tried to connect to {hosts}"))
+        return await original_wrap(self, *args, addr_infos=addr_infos, **kwargs)
+
+    monkeypatch.setattr(aiohttp.TCPConnector, "_wrap_create_connection", wrap_create_connection)
     return wire
 
 

@@ -47,18 +47,21 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from enum import StrEnum
 from typing import Final
 
+import aiohttp
 import httpcore
 import httpx
 
-from notice_relay.errors import AddressRefused, PermanentChannelError
+from notice_relay.errors import AddressRefused, PermanentChannelError, TransientChannelError
 
 __all__ = [
     "METADATA_ADDRESSES",
     "AddressKind",
     "GuardedBackend",
+    "GuardedConnector",
     "IPAddress",
     "Resolver",
     "classify_address",
+    "guarded_connector",
     "guarded_transport",
     "refusal_message",
     "resolve_host",
@@ -350,3 +353,91 @@ def guarded_transport(
         allow_private=allow_private, resolver=resolver, backend=backend
     )
     return transport
+
+
+class GuardedConnector(aiohttp.TCPConnector):
+    """An aiohttp connector that connects only to allowed addresses: the aiohttp
+    counterpart of :class:`GuardedBackend`, for the webhook channel's aiohttp clients
+    (``NOTICE_RELAY_HTTP_CLIENT=aiohttp`` or ``httpx-aiohttp``).
+
+    aiohttp turns a URL's host into addresses in ``_resolve_host`` and then connects
+    to exactly the addresses it returned (``_create_direct_connection`` builds its
+    socket addresses from them). This connector replaces that step with the guard's
+    own: every address of the host, IP literals included, is resolved through
+    :func:`resolve_host` (or ``resolver``) and checked, and the checked IP literals are
+    what aiohttp connects to; it never resolves the name itself. The DNS cache is off,
+    so every new connection is checked again, as with httpcore. The URL's host name
+    still drives SNI, certificate verification and the ``Host`` header.
+
+    aiohttp has no public hook for this; ``_resolve_host`` is checked to exist at
+    construction, so a change in aiohttp's internals fails loudly rather than leaving
+    connections unguarded.
+    """
+
+    def __init__(
+        self,
+        *,
+        allow_private: bool,
+        resolver: Resolver | None = None,
+        limit: int = 100,
+        keepalive_timeout: float = 30.0,
+        ssl_context: ssl.SSLContext | bool = True,
+    ) -> None:
+        if "_resolve_host" not in vars(aiohttp.TCPConnector):
+            raise RuntimeError(
+                "cannot install the address guard: aiohttp.TCPConnector no longer has "
+                "_resolve_host"
+            )
+        super().__init__(
+            limit=limit,
+            limit_per_host=0,
+            keepalive_timeout=keepalive_timeout,
+            use_dns_cache=False,
+            ssl=ssl_context,
+        )
+        self._guard = GuardedBackend(allow_private=allow_private, resolver=resolver)
+
+    @property
+    def allow_private(self) -> bool:
+        """Whether private addresses (never metadata endpoints) may be connected to."""
+        return self._guard.allow_private
+
+    async def _resolve_host(  # type: ignore[override]
+        self, host: str, port: int, traces: object = None
+    ) -> list[dict[str, object]]:
+        """The checked addresses of ``host``, as aiohttp's resolve results."""
+        bare = host.rstrip(".") if not _is_literal(host) else host
+        try:
+            addresses = await self._guard.checked_addresses(bare, port)
+        except httpcore.ConnectError as exc:
+            raise TransientChannelError(f"connection failed: {exc}") from None
+        return [
+            {
+                "hostname": host,
+                "host": str(address),
+                "port": port,
+                "family": socket.AF_INET6 if address.version == 6 else socket.AF_INET,
+                "proto": socket.IPPROTO_TCP,
+                "flags": socket.AI_NUMERICHOST,
+            }
+            for address in addresses
+        ]
+
+
+def guarded_connector(
+    *,
+    allow_private: bool,
+    limit: int = 100,
+    keepalive_timeout: float = 30.0,
+    resolver: Resolver | None = None,
+) -> GuardedConnector:
+    """An aiohttp connector whose every connection goes through the address guard.
+
+    Must be created inside a running event loop (aiohttp binds connectors to it).
+    """
+    return GuardedConnector(
+        allow_private=allow_private,
+        resolver=resolver,
+        limit=limit,
+        keepalive_timeout=keepalive_timeout,
+    )

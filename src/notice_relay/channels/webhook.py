@@ -6,22 +6,36 @@ deduplicate retries and replays. Redirects are not followed. Every connection go
 through the SSRF guard (:mod:`notice_relay.netguard`): a private, loopback or
 link-local address is refused at connect time unless the connector sets
 ``allow_private = true``. Every exception an attempt can raise is turned into an
-outcome by :func:`translate_error`, the one place where httpx errors are interpreted
-(the registry channel uses it too).
+outcome by :func:`translate_error`, the one place where HTTP client errors are
+interpreted (the registry channel uses it too).
+
+The HTTP client is chosen by ``NOTICE_RELAY_HTTP_CLIENT`` (read when a channel is
+built): ``httpx`` (the default: httpx with its own httpcore transport), ``httpx-aiohttp``
+(httpx's API over aiohttp's connection pool, the ``httpx-aiohttp`` transport) or
+``aiohttp`` (aiohttp directly). Every mode sends the same signed bytes, follows no
+redirects, bounds each attempt by the channel's timeout and connects through the
+address guard (:class:`notice_relay.netguard.GuardedBackend` for httpcore,
+:class:`notice_relay.netguard.GuardedConnector` for aiohttp): the address checked is
+the address connected to.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
+from enum import StrEnum
 from types import TracebackType
-from typing import Final, Self
+from typing import Final, Protocol, Self
 
+import aiohttp
 import httpx
 import structlog
+from httpx_aiohttp import AiohttpTransport
 
 from notice_relay.channels.base import (
     RateLimiter,
@@ -40,10 +54,11 @@ from notice_relay.errors import (
     TransientChannelError,
 )
 from notice_relay.models import DeliveryTask, Outcome, OutcomeKind
-from notice_relay.netguard import guarded_transport
+from notice_relay.netguard import guarded_connector, guarded_transport
 from notice_relay.signing import decode_secret, webhook_headers
 
-__all__ = ["WebhookChannel", "translate_error"]
+__all__ = ["HTTP_CLIENT_ENV", "HttpClientKind", "WebhookChannel", "http_client_kind",
+           "translate_error"]
 
 log = structlog.get_logger(__name__)
 
@@ -64,8 +79,43 @@ _TIMEOUT_PHASES: Final[dict[type[httpx.TimeoutException], str]] = {
 }
 
 
+#: The setting that chooses the webhook channel's HTTP client.
+HTTP_CLIENT_ENV: Final = "NOTICE_RELAY_HTTP_CLIENT"
+
+
+class HttpClientKind(StrEnum):
+    """The HTTP client a webhook channel sends with."""
+
+    HTTPX = "httpx"
+    HTTPX_AIOHTTP = "httpx-aiohttp"
+    AIOHTTP = "aiohttp"
+
+
+def http_client_kind(environ: Mapping[str, str] | None = None) -> HttpClientKind:
+    """The client named by ``NOTICE_RELAY_HTTP_CLIENT`` (default ``httpx``); a
+    :class:`~notice_relay.errors.ConfigError` for any other value."""
+    raw = (os.environ if environ is None else environ).get(HTTP_CLIENT_ENV) or "httpx"
+    try:
+        return HttpClientKind(raw.strip().lower())
+    except ValueError:
+        choices = ", ".join(k.value for k in HttpClientKind)
+        raise ConfigError(f"{HTTP_CLIENT_ENV} must be one of {choices}, not {raw!r}") from None
+
+
 def _describe(exc: BaseException) -> str:
     return sanitize_text(str(exc) or type(exc).__name__, 300)
+
+
+def _translate_aiohttp(exc: aiohttp.ClientError) -> ChannelError:
+    """An aiohttp error as a ChannelError, with the same wording as httpx's."""
+    if isinstance(exc, aiohttp.InvalidURL | aiohttp.NonHttpUrlClientError):
+        return PermanentChannelError(f"cannot send the request: {_describe(exc)}")
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return TransientChannelError(f"connection failed: {_describe(exc)}")
+    if isinstance(exc, aiohttp.ClientConnectionError | aiohttp.ClientPayloadError):
+        # ServerDisconnectedError, ClientOSError (a reset connection), payload errors.
+        return TransientChannelError(f"connection lost: {_describe(exc)}")
+    return TransientChannelError(f"HTTP error: {_describe(exc)}")
 
 
 def translate_error(exc: Exception, timeout: float) -> ChannelError:
@@ -79,6 +129,15 @@ def translate_error(exc: Exception, timeout: float) -> ChannelError:
     """
     if isinstance(exc, ChannelError):
         return exc
+    cause = exc.__cause__
+    if isinstance(exc, httpx.HTTPError) and isinstance(cause, aiohttp.ClientError) and not (
+        isinstance(cause, TimeoutError)
+    ):
+        # httpx-aiohttp re-raises aiohttp's errors as httpx ones, some of them as the
+        # wrong kind (a refused connection as ConnectTimeout): judge the original.
+        return _translate_aiohttp(cause)
+    if isinstance(exc, aiohttp.ClientError) and not isinstance(exc, TimeoutError):
+        return _translate_aiohttp(exc)
     if isinstance(exc, TimeoutError | httpx.TimeoutException):
         phase = _TIMEOUT_PHASES.get(type(exc)) if isinstance(exc, httpx.TimeoutException) else None
         return ChannelTimeout(
@@ -97,18 +156,48 @@ def translate_error(exc: Exception, timeout: float) -> ChannelError:
     return TransientChannelError(f"internal error: {type(exc).__name__}: {_describe(exc)}")
 
 
-def _make_client(config: WebhookChannelConfig) -> httpx.AsyncClient:
-    # The pool matches the in-flight bound: every concurrent attempt has a connection,
-    # and idle ones are kept for the next batch.
-    limits = httpx.Limits(
-        max_connections=config.max_in_flight,
-        max_keepalive_connections=config.max_in_flight,
-        keepalive_expiry=KEEPALIVE_EXPIRY,
+def _aiohttp_session(config: WebhookChannelConfig) -> aiohttp.ClientSession:
+    """An aiohttp session whose connections go through the address guard; created on
+    first use, inside the event loop (aiohttp binds its connector to the running loop)."""
+    return aiohttp.ClientSession(
+        connector=guarded_connector(
+            allow_private=config.allow_private,
+            # The pool matches the in-flight bound, as for httpx.
+            limit=config.max_in_flight,
+            keepalive_timeout=KEEPALIVE_EXPIRY,
+        ),
+        # No proxies or .netrc credentials from the environment (as for httpx).
+        trust_env=False,
+        timeout=aiohttp.ClientTimeout(total=config.timeout.total_seconds()),
+        headers={"user-agent": user_agent()},
+        # A compressed answer is decoded (as httpx does), so its receipt is read; the
+        # body stays capped at MAX_RESPONSE_BYTES after decoding. (httpx-aiohttp asks
+        # for raw bytes per request and lets httpx decode them.)
+        auto_decompress=True,
     )
-    return httpx.AsyncClient(
+
+
+def _make_client(
+    config: WebhookChannelConfig, kind: HttpClientKind = HttpClientKind.HTTPX
+) -> httpx.AsyncClient:
+    transport: httpx.AsyncBaseTransport
+    if kind is HttpClientKind.HTTPX_AIOHTTP:
+        # httpx's API over aiohttp's pool; the session (and its guarded connector) is
+        # created by the transport on its first request, inside the event loop.
+        transport = AiohttpTransport(client=lambda: _aiohttp_session(config))
+    else:
+        # The pool matches the in-flight bound: every concurrent attempt has a
+        # connection, and idle ones are kept for the next batch.
+        limits = httpx.Limits(
+            max_connections=config.max_in_flight,
+            max_keepalive_connections=config.max_in_flight,
+            keepalive_expiry=KEEPALIVE_EXPIRY,
+        )
         # Every connection goes through the SSRF guard (netguard): the address
         # connected to is checked, unless the connector allows private addresses.
-        transport=guarded_transport(allow_private=config.allow_private, limits=limits),
+        transport = guarded_transport(allow_private=config.allow_private, limits=limits)
+    return httpx.AsyncClient(
+        transport=transport,
         follow_redirects=False,
         timeout=httpx.Timeout(config.timeout.total_seconds()),
         # No proxies or .netrc credentials from the environment: a signed notice goes
@@ -146,14 +235,107 @@ async def _read_capped(response: httpx.Response, limit: int = MAX_RESPONSE_BYTES
     return b"".join(chunks)[:limit]
 
 
+@dataclass(frozen=True)
+class _Reply:
+    """What an attempt got back: status, reason, Retry-After and the (capped) body."""
+
+    status: int
+    reason: str
+    retry_after: str | None
+    content: bytes
+
+
+class _Sender(Protocol):
+    """One HTTP client behind the channel: POST bytes, get a :class:`_Reply`."""
+
+    @property
+    def is_closed(self) -> bool: ...
+
+    async def post(self, url: str, body: bytes, headers: dict[str, str],
+                   timeout: float) -> _Reply: ...  # noqa: ASYNC109 (bounded by the caller too)
+
+    async def aclose(self) -> None: ...
+
+
+class _HttpxSender:
+    """Sends through an :class:`httpx.AsyncClient` (httpcore or httpx-aiohttp transport)."""
+
+    def __init__(self, client: httpx.AsyncClient) -> None:
+        self.client = client
+
+    @property
+    def is_closed(self) -> bool:
+        return self.client.is_closed
+
+    async def post(self, url: str, body: bytes, headers: dict[str, str],
+                   timeout: float) -> _Reply:  # noqa: ASYNC109 (bounded by the caller too)
+        async with self.client.stream(
+            "POST", url, content=body, headers=headers, timeout=timeout,
+            follow_redirects=False,
+        ) as response:
+            retry_after = response.headers.get("retry-after")
+            content = await _read_capped(response)
+        return _Reply(response.status_code, response.reason_phrase, retry_after, content)
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+
+class _AiohttpSender:
+    """Sends through an :class:`aiohttp.ClientSession` with a guarded connector,
+    created on the first request."""
+
+    def __init__(self, config: WebhookChannelConfig) -> None:
+        self._config = config
+        self._session: aiohttp.ClientSession | None = None
+        self._closed = False
+
+    @property
+    def is_closed(self) -> bool:
+        return self._closed
+
+    async def post(self, url: str, body: bytes, headers: dict[str, str],
+                   timeout: float) -> _Reply:  # noqa: ASYNC109 (bounded by the caller too)
+        if self._closed:
+            raise RuntimeError("the HTTP client is closed")
+        if self._session is None:
+            self._session = _aiohttp_session(self._config)
+        async with self._session.post(
+            url, data=body, headers=headers, allow_redirects=False,
+            timeout=aiohttp.ClientTimeout(total=timeout),
+        ) as response:
+            chunks: list[bytes] = []
+            size = 0
+            async for chunk in response.content.iter_chunked(MAX_RESPONSE_BYTES):
+                chunks.append(chunk)
+                size += len(chunk)
+                if size >= MAX_RESPONSE_BYTES:
+                    break
+            return _Reply(response.status, response.reason or "",
+                          response.headers.get("retry-after"),
+                          b"".join(chunks)[:MAX_RESPONSE_BYTES])
+
+    async def aclose(self) -> None:
+        self._closed = True
+        if self._session is not None:
+            await self._session.close()
+
+
+def _make_sender(config: WebhookChannelConfig, kind: HttpClientKind) -> _Sender:
+    if kind is HttpClientKind.AIOHTTP:
+        return _AiohttpSender(config)
+    return _HttpxSender(_make_client(config, kind))
+
+
 class WebhookChannel:
     """Delivers notices to one developer's webhook.
 
     Tasks of a batch are sent concurrently, at most ``config.max_in_flight`` at once
     (and at most ``config.rate_limit`` starts per second when set). The channel owns
-    its :class:`httpx.AsyncClient` unless one is passed in; close it with
-    :meth:`aclose` or ``async with``. An injected client brings its own address guard
-    (build its transport with :func:`notice_relay.netguard.guarded_transport`).
+    its HTTP client (of the kind ``http_client`` names, else ``NOTICE_RELAY_HTTP_CLIENT``)
+    unless an :class:`httpx.AsyncClient` is passed in; close it with :meth:`aclose` or
+    ``async with``. An injected client brings its own address guard (build its
+    transport with :func:`notice_relay.netguard.guarded_transport`).
     """
 
     def __init__(
@@ -162,6 +344,8 @@ class WebhookChannel:
         config: WebhookChannelConfig,
         secrets: Sequence[str],
         client: httpx.AsyncClient | None = None,
+        *,
+        http_client: HttpClientKind | None = None,
     ) -> None:
         owner = f"developer {developer.id!r}, channel {config.name!r}"
         if not secrets:
@@ -179,7 +363,12 @@ class WebhookChannel:
         self._in_flight = asyncio.Semaphore(config.max_in_flight)
         self._limiter = RateLimiter(config.rate_limit) if config.rate_limit else None
         self._owns_client = client is None
-        self._client = _make_client(config) if client is None else client
+        self.http_client = (
+            HttpClientKind.HTTPX if client is not None else http_client or http_client_kind()
+        )
+        self._client: _Sender = (
+            _make_sender(config, self.http_client) if client is None else _HttpxSender(client)
+        )
         self._closed = False
 
     async def __aenter__(self) -> Self:
@@ -235,21 +424,10 @@ class WebhookChannel:
         headers = webhook_headers(self._keys, task.delivery_id, body)
         # Set per request too, so that an injected client behaves the same.
         headers["user-agent"] = self._user_agent
-        async with self._client.stream(
-            "POST",
-            self.config.url,
-            content=body,
-            headers=headers,
-            timeout=self._timeout,
-            follow_redirects=False,
-        ) as response:
-            verdict = classify_status(
-                response.status_code,
-                response.reason_phrase,
-                retry_after=response.headers.get("retry-after"),
-            )
-            content = await _read_capped(response)
-        status_line = f"{response.status_code} {response.reason_phrase}".rstrip()
+        reply = await self._client.post(self.config.url, body, headers, self._timeout)
+        verdict = classify_status(reply.status, reply.reason, retry_after=reply.retry_after)
+        content = reply.content
+        status_line = f"{reply.status} {reply.reason}".rstrip()
         acknowledged = False
         if verdict.kind is OutcomeKind.DELIVERED:
             body_receipt = _receipt(content)
@@ -263,7 +441,7 @@ class WebhookChannel:
             detail = sanitize_text(text, MAX_ERROR_DETAIL) if text.strip() else None
         outcome = outcome_from_status(
             task,
-            response.status_code,
+            reply.status,
             verdict,
             attempted_at=attempted_at,
             latency_ms=_elapsed_ms(started),
