@@ -68,6 +68,18 @@ class Topics:
         return plain + [name for _, name in self.retry_tiers]
 
 
+#: The Faust tables of the worker (see app.py); their changelog topics are created with
+#: the others, before the worker starts. A worker that creates them itself does not see
+#: them in its consumer's metadata until the next refresh, and its normalize agent
+#: crashes with PartitionsMismatch on every new artist until then.
+TABLES = ("declarations-seen", "artist-versions")
+
+
+def changelog_topics(settings: Settings) -> list[str]:
+    """The changelog topics of the worker's tables (named by Faust: app id, table)."""
+    return [f"{settings.app_id}-{table}-changelog" for table in TABLES]
+
+
 def _topic_config(name: str, topics: Topics) -> dict[str, str]:
     if name == topics.audit:
         # The audit topic is the source of truth: never deleted by age.
@@ -91,14 +103,18 @@ async def ensure_topics(
         raise KafkaUnavailable(f"cannot reach Kafka at {settings.kafka_bootstrap}: {exc}") from exc
     try:
         existing = set(await admin.list_topics())
-        wanted = [t for t in topics.all() if t not in existing]
+        changelogs = changelog_topics(settings)
+        wanted = [t for t in [*topics.all(), *changelogs] if t not in existing]
         if wanted:
             new = [
                 NewTopic(
                     name=t,
                     num_partitions=settings.partitions,
                     replication_factor=settings.replication_factor,
-                    topic_configs=_topic_config(t, topics),
+                    topic_configs=(
+                        {"cleanup.policy": "compact"} if t in changelogs
+                        else _topic_config(t, topics)
+                    ),
                 )
                 for t in wanted
             ]
