@@ -430,6 +430,7 @@ def guarded_connector(
     limit: int = 100,
     keepalive_timeout: float = 30.0,
     resolver: Resolver | None = None,
+    ssl_context: ssl.SSLContext | bool = True,
 ) -> GuardedConnector:
     """An aiohttp connector whose every connection goes through the address guard.
 
@@ -440,4 +441,5 @@ def guarded_connector(
         resolver=resolver,
         limit=limit,
         keepalive_timeout=keepalive_timeout,
+        ssl_context=ssl_context,
     )

@@ -10,11 +10,11 @@ outcome by :func:`translate_error`, the one place where HTTP client errors are
 interpreted (the registry channel uses it too).
 
 The HTTP client is chosen by ``NOTICE_RELAY_HTTP_CLIENT`` (read when a channel is
-built): ``httpx`` (the default: httpx with its own httpcore transport), ``httpx-aiohttp``
-(httpx's API over aiohttp's connection pool, the ``httpx-aiohttp`` transport) or
-``aiohttp`` (aiohttp directly). Every mode sends the same signed bytes, follows no
-redirects, bounds each attempt by the channel's timeout and connects through the
-address guard (:class:`notice_relay.netguard.GuardedBackend` for httpcore,
+built): ``aiohttp`` (the default: aiohttp directly, the fastest in ``make bench``),
+``httpx-aiohttp`` (httpx's API over aiohttp's connection pool, the ``httpx-aiohttp``
+transport) or ``httpx`` (httpx with its own httpcore transport). Every mode sends the
+same signed bytes, follows no redirects, bounds each attempt by the channel's timeout
+and connects through the address guard (:class:`notice_relay.netguard.GuardedBackend` for httpcore,
 :class:`notice_relay.netguard.GuardedConnector` for aiohttp): the address checked is
 the address connected to.
 """
@@ -22,8 +22,10 @@ the address connected to.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
+import ssl
 import time
 from collections.abc import AsyncGenerator, Mapping, Sequence
 from dataclasses import dataclass
@@ -33,6 +35,7 @@ from types import TracebackType
 from typing import Final, Protocol, Self
 
 import aiohttp
+import certifi
 import httpx
 import structlog
 from httpx_aiohttp import AiohttpTransport
@@ -92,9 +95,10 @@ class HttpClientKind(StrEnum):
 
 
 def http_client_kind(environ: Mapping[str, str] | None = None) -> HttpClientKind:
-    """The client named by ``NOTICE_RELAY_HTTP_CLIENT`` (default ``httpx``); a
+    """The client named by ``NOTICE_RELAY_HTTP_CLIENT`` (default ``aiohttp``: the
+    fastest of the three in ``make bench``, see docs/performance.md); a
     :class:`~notice_relay.errors.ConfigError` for any other value."""
-    raw = (os.environ if environ is None else environ).get(HTTP_CLIENT_ENV) or "httpx"
+    raw = (os.environ if environ is None else environ).get(HTTP_CLIENT_ENV) or "aiohttp"
     try:
         return HttpClientKind(raw.strip().lower())
     except ValueError:
@@ -156,6 +160,11 @@ def translate_error(exc: Exception, timeout: float) -> ChannelError:
     return TransientChannelError(f"internal error: {type(exc).__name__}: {_describe(exc)}")
 
 
+@functools.cache
+def _certifi_context() -> ssl.SSLContext:
+    return ssl.create_default_context(cafile=certifi.where())
+
+
 def _aiohttp_session(config: WebhookChannelConfig) -> aiohttp.ClientSession:
     """An aiohttp session whose connections go through the address guard; created on
     first use, inside the event loop (aiohttp binds its connector to the running loop)."""
@@ -165,6 +174,8 @@ def _aiohttp_session(config: WebhookChannelConfig) -> aiohttp.ClientSession:
             # The pool matches the in-flight bound, as for httpx.
             limit=config.max_in_flight,
             keepalive_timeout=KEEPALIVE_EXPIRY,
+            # The CA bundle httpx uses (certifi), so that the clients trust the same roots.
+            ssl_context=_certifi_context(),
         ),
         # No proxies or .netrc credentials from the environment (as for httpx).
         trust_env=False,
