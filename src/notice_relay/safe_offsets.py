@@ -103,6 +103,11 @@ class SafeConsumer(faust_aiokafka.Consumer):
                     heads[tp] = earliest[tp]
         for tp in committed:
             head = heads.get(tp)
+            if head is not None and not committed.get(tp) and acks_enabled_for(tp.topic):
+                # aiokafka seeks only to a committed offset above 0: a partition with
+                # none (or 0) keeps its fetch position, which may be past messages
+                # fetched, and skipped, during an earlier generation.
+                await self._seek(tp, head)
             # faust's read offset: None means "accept whatever comes first".
             self._read_offset[tp] = head
             self._committed_offset[tp] = head
