@@ -31,12 +31,14 @@ fetched messages as done ("gaps", meant for compacted or transactional topics), 
 right after a seek that can mark real, unprocessed messages as done. The relay's topics
 have no missing offsets.
 
-One more safeguard covers what the first three cannot see: around a rebalance faust
+Two more safeguards cover what the rules above cannot see: around a rebalance faust
 can drop a fetched message on its way to the stream without anyone acknowledging it
 (faust-streaming issues 166 and 629). The commit then stops at that message, which is
 safe but would hold the partition's commits back until the next rebalance. When a
 partition's head stays unprocessed for ``reread_after`` seconds while later offsets are
-done and no stream holds the head, the partition is read again from the head.
+done and no stream holds the head, the partition is read again from the head; likewise
+when a partition has messages past its head, none processed, while the agent of its
+topic holds nothing (it is waiting for input that faust dropped).
 
 :class:`RelayApp` is a :class:`faust.App` whose transport builds this consumer.
 """
@@ -191,6 +193,44 @@ class SafeConsumer(faust_aiokafka.Consumer):
         task = asyncio.ensure_future(self._reread(tp, head))
         self._rereads.add(task)
         task.add_done_callback(self._rereads.discard)
+
+    async def commit(self, *args: Any, **kwargs: Any) -> bool:
+        """faust's commit (run every commit interval), after looking for idle partitions."""
+        self._watch_idle()
+        return bool(await super().commit(*args, **kwargs))
+
+    @property
+    def _idle(self) -> dict[TP, tuple[int, float]]:
+        idle: dict[TP, tuple[int, float]] | None = self.__dict__.get("_nr_idle")
+        if idle is None:
+            idle = self.__dict__["_nr_idle"] = {}
+        return idle
+
+    def _watch_idle(self) -> None:
+        """A partition with messages past its head, none of them processed, while no
+        stream holds any message of its topic (its agent is waiting for input): faust
+        dropped what it fetched of it. After ``reread_after`` seconds in that state,
+        the partition is read again from its head."""
+        now = time.monotonic()
+        busy = {m.tp.topic for m in list(self._unacked_messages) if not m.acked}
+        acks_enabled_for = self.app.topics.acks_enabled_for
+        for tp in self.assignment():
+            head = self._committed_offset.get(tp)
+            highwater = self.highwater(tp)
+            if (tp.topic in busy or not acks_enabled_for(tp.topic) or head is None
+                    or highwater is None or highwater <= head or self._acked.get(tp)):
+                self._idle.pop(tp, None)
+                continue
+            since = self._idle.get(tp)
+            if since is None or since[0] != head:
+                self._idle[tp] = (head, now)
+            elif now - since[1] >= self.reread_after:
+                self._idle.pop(tp, None)
+                log.warning("offsets.reread", topic=tp.topic, partition=tp.partition,
+                            offset=head, idle=True)
+                task = asyncio.ensure_future(self._reread(tp, head))
+                self._rereads.add(task)
+                task.add_done_callback(self._rereads.discard)
 
     @property
     def _rereads(self) -> set[asyncio.Future[None]]:
