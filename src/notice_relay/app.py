@@ -158,6 +158,18 @@ class Runtime:
                 self._store = await AuditStore.open(self.settings.database_url)
             return self._store
 
+    async def store_when_up(self) -> AuditStore:
+        """The audit store, waiting (and logging) while it cannot be opened: an agent
+        that needs it holds its messages, uncommitted, until the database is back."""
+        delay = 0.5
+        while True:
+            try:
+                return await self.store()
+            except StoreError as exc:
+                log.warning("store.unavailable", error=str(exc)[:300], retry_in=delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+
     async def close(self) -> None:
         """Close lanes, channels and the store."""
         for closer in self.closers:
@@ -335,7 +347,7 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> faust.App:
         if n.action is Action.WITHDRAW and n.supersedes:
             original = make_delivery_id(make_notice_id(n.publisher_id, n.supersedes),
                                         task.developer_id, task.channel)
-            row = await worker_queries.delivery(await rt.store(), original)
+            row = await worker_queries.delivery(await rt.store_when_up(), original)
             if row is not None and row.state in ("delivered", "acknowledged", "overdue"):
                 return None
             if row is not None and row.state in ("planned", "sending", "retry_scheduled", "held"):
@@ -489,7 +501,7 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> faust.App:
                 continue
             key = ack.declaration_key
             if key is None:
-                row = await worker_queries.delivery(await rt.store(), ack.delivery_id)
+                row = await worker_queries.delivery(await rt.store_when_up(), ack.delivery_id)
                 key = row.declaration_key if row is not None else None
             if key is None:
                 log.error("ack.unknown_delivery", delivery_id=ack.delivery_id)
@@ -508,7 +520,11 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> faust.App:
         and a reminder sent over the same channel (a delivery of its own)."""
         if not rt.developers:
             return
-        store = await rt.store()
+        try:
+            store = await rt.store()
+        except StoreError as exc:  # the next tick tries again
+            log.warning("store.unavailable", timer="find_overdue", error=str(exc)[:300])
+            return
         now = utcnow()
         shortest = min(d.ack_sla for d in rt.developers.values())
         out = Out()
@@ -553,7 +569,11 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> faust.App:
         line of defence behind the commit rules of safe_offsets: the store knows every
         planned delivery, so a task lost anyway becomes a delay. Delivery ids are
         stable: a delivery that was only late is deduplicated by receivers."""
-        store = await rt.store()
+        try:
+            store = await rt.store()
+        except StoreError as exc:  # the next tick tries again
+            log.warning("store.unavailable", timer="sweep", error=str(exc)[:300])
+            return
         now = utcnow()
         out = Out()
         # Planned deliveries are only stalled if nothing is waiting in the deliveries
@@ -589,7 +609,7 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> faust.App:
 
     @app.agent(t_audit, name="project")
     async def project_agent(stream: faust.StreamT[bytes]) -> AsyncIterator[None]:
-        store = await rt.store()
+        store = await rt.store_when_up()
         async for batch in stream.take(settings.audit_batch, within=settings.audit_batch_wait):
             events: list[AuditEvent] = []
             for raw in batch:
