@@ -84,7 +84,7 @@ def _created(e: Ev) -> dict[str, Any]:
 
 
 def _move(row: dict[str, Any], e: Ev) -> None:
-    """Apply one event to an existing row (the rules of projection._apply_delivery)."""
+    """Apply one event to an existing row (the move is decided by next_state)."""
     d = e.data
     target = next_state(DeliveryState(row["state"]), e.type)
     row["updated_at"] = e.occurred_at

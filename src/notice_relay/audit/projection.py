@@ -116,8 +116,9 @@ async def _apply_channel(conn: AsyncConnection, store: AuditStore, e: AuditEvent
 
 
 async def apply_event(conn: AsyncConnection, store: AuditStore, e: AuditEvent) -> None:
-    """Update the current-state tables for one newly stored event."""
-    from notice_relay.audit.store import declarations, deliveries
+    """Update the channel and declaration tables for one newly stored event (delivery
+    rows are folded per batch in :mod:`notice_relay.audit.batch`)."""
+    from notice_relay.audit.store import declarations
 
     d = e.data
     if e.type in _CHANNEL_EVENTS:
@@ -162,54 +163,3 @@ async def apply_event(conn: AsyncConnection, store: AuditStore, e: AuditEvent) -
             ins.on_conflict_do_update(index_elements=[declarations.c.declaration_key], set_=update),
             [values],
         )
-        return
-
-    if e.delivery_id is None or e.type not in _EVENT_STATE:
-        return
-    row = (
-        await conn.execute(
-            sa.select(deliveries.c.state).where(deliveries.c.delivery_id == e.delivery_id)
-        )
-    ).first()
-    current = DeliveryState(row.state) if row is not None else None
-    target = next_state(current, e.type)
-    if row is None:
-        if e.type not in (AuditType.DELIVERY_PLANNED, AuditType.DELIVERY_SKIPPED):
-            return  # an event for a delivery whose planning is not in this store
-        await conn.execute(
-            deliveries.insert(),
-            [{
-                "delivery_id": e.delivery_id,
-                "declaration_key": e.declaration_key,
-                "developer_id": e.developer_id or "",
-                "channel": str(d.get("channel", "")),
-                "channel_type": str(d.get("channel_type", "")),
-                "state": (target or DeliveryState.PLANNED).value,
-                "attempts": 0,
-                "last_error": d.get("reason") if isinstance(d.get("reason"), str) else None,
-                "planned_at": e.occurred_at,
-                "updated_at": e.occurred_at,
-            }],
-        )
-        return
-    values = {"updated_at": e.occurred_at}
-    if target is not None:
-        values["state"] = target.value
-    if isinstance(d.get("attempt"), int) and e.type is AuditType.DELIVERY_ATTEMPTED:
-        values["attempts"] = d["attempt"]
-    if "status_code" in d and isinstance(d["status_code"], int | None):
-        values["last_status_code"] = d["status_code"]
-    if isinstance(d.get("error"), str):
-        values["last_error"] = d["error"]
-    if e.type is AuditType.DELIVERY_DELIVERED and target is not None:
-        values["delivered_at"] = e.occurred_at
-        values["last_error"] = None
-        if isinstance(d.get("receipt"), str):
-            values["receipt"] = d["receipt"]
-    if e.type is AuditType.DELIVERY_RETRY_SCHEDULED and isinstance(d.get("next_attempt_at"), str):
-        from datetime import datetime
-
-        values["next_attempt_at"] = datetime.fromisoformat(str(d["next_attempt_at"]))
-    await conn.execute(
-        deliveries.update().where(deliveries.c.delivery_id == e.delivery_id).values(**values)
-    )
