@@ -61,10 +61,14 @@ sys.path.insert(0, str(ROOT / "bench"))
 import common  # noqa: E402
 import localkafka  # noqa: E402
 
+from notice_relay.channels.webhook import http_client_kind  # noqa: E402
 from notice_relay.config import Settings  # noqa: E402
 from notice_relay.models import AckInfo, ChannelType, DeliveryTask  # noqa: E402
 from notice_relay.signing import decode_secret, webhook_headers  # noqa: E402
 from notice_relay.topics import Topics, ensure_topics  # noqa: E402
+
+#: The webhook client the relay uses when nothing is configured: the main runs use it.
+DEFAULT_CLIENT = http_client_kind({}).value
 
 PY = str(ROOT / ".venv" / "bin" / "python") if (ROOT / ".venv").exists() else sys.executable
 RESULTS = ROOT / "bench" / "results"
@@ -422,8 +426,9 @@ class Bench:
                 raise RuntimeError(f"only {last} of {n} deliveries delivered in {limit_s}s")
             await asyncio.sleep(0.25)
 
-    async def relay(self, label: str, n_decl: int, n_devs: int, *, http_client: str = "httpx",
-                    rate: float | None = None, duration: float = 0.0,
+    async def relay(self, label: str, n_decl: int, n_devs: int, *,
+                    http_client: str = DEFAULT_CLIENT, rate: float | None = None,
+                    duration: float = 0.0,
                     profile: str | None = None) -> dict[str, Any]:
         """One relay run: throughput (rate None) or latency at ``rate`` declarations/s."""
         run = uuid.uuid4().hex[:8]
@@ -508,7 +513,7 @@ class Bench:
         run = uuid.uuid4().hex[:8]
         root = self.work / f"relay-backlog-{run}"
         root.mkdir(parents=True)
-        env, settings = self.relay_env(root, n_devs, "httpx")
+        env, settings = self.relay_env(root, n_devs, DEFAULT_CLIENT)
         topics = Topics.from_settings(settings)
         await self.prepare_topics(settings)
         devs = common.developer_ids(n_devs)
@@ -751,7 +756,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             if n_cli != n_decl:
                 res["clients"] = []
             for kind in ("httpx", "httpx-aiohttp", "aiohttp"):
-                if kind == "httpx" and res["clients"]:
+                if kind == DEFAULT_CLIENT and res["clients"]:
                     continue
                 log(f"http client {kind}: {n_cli:,} declarations x 10 developers")
                 res["clients"].append(await bench.relay(f"client-{kind}", n_cli, 10,

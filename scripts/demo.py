@@ -84,7 +84,7 @@ def main() -> int:
         say("Checking the connectors")
         subprocess.run([*cli, "connectors", "check"], env=env, check=True)
 
-        say("Starting the worker (normalize → fan-out → deliver → outcomes → audit)")
+        say("Starting the worker (normalize → fan-out → deliver → audit)")
         wlog = (WORK / "worker.log").open("wb")
         worker = subprocess.Popen([*cli, "worker"], env=env, stdout=wlog,
                                   stderr=subprocess.STDOUT, start_new_session=True)

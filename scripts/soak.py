@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import faultlib
 
-STAGES = ("declarations", "notices", "deliveries", "outcomes", "audit", "retries")
+STAGES = ("declarations", "notices", "deliveries", "acks", "audit", "retries")
 
 
 @dataclass
@@ -81,7 +81,6 @@ class LagProbe:
         topics = Topics.from_settings(self.relay.settings())
         for stage in STAGES[:-1]:
             self.stage_of[getattr(topics, stage)] = stage
-        self.stage_of[topics.acks] = "outcomes"
         for _, name in topics.retry_tiers:
             self.stage_of[name] = "retries"
         self.admin = AIOKafkaAdminClient(bootstrap_servers=self.relay.bootstrap)

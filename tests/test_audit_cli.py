@@ -22,6 +22,7 @@ from relay_helpers import eventually, make_decl, publish, whsec
 from test_audit_store import trail
 
 from notice_relay.audit.chain import event_hash
+from notice_relay.audit.events import decode_audit, encode_audit
 from notice_relay.audit.store import AuditStore, events
 from notice_relay.canonical import canonical_json
 from notice_relay.config import Settings
@@ -198,16 +199,25 @@ async def receivers() -> AsyncIterator[list[Receiver]]:
 
 
 async def _topic_size(env: Any) -> int:
-    """How many messages the test's audit topic holds."""
+    """How many audit events the test's audit topic holds (a message holds one event or
+    an array of one declaration's events)."""
     topic = Topics.from_settings(env.settings()).audit
-    consumer = AIOKafkaConsumer(bootstrap_servers=env.bootstrap, group_id=None)
+    consumer = AIOKafkaConsumer(bootstrap_servers=env.bootstrap, group_id=None,
+                                auto_offset_reset="earliest", enable_auto_commit=False)
     await consumer.start()
     try:
         cluster = await consumer._client.fetch_all_metadata()
         tps = [TopicPartition(topic, p) for p in cluster.partitions_for_topic(topic) or ()]
         assert tps, f"no topic {topic}"
-        begin, end = await consumer.beginning_offsets(tps), await consumer.end_offsets(tps)
-        return sum(end[tp] - begin[tp] for tp in tps)
+        consumer.assign(tps)
+        end = await consumer.end_offsets(tps)
+        await consumer.seek_to_beginning(*tps)
+        n = 0
+        while [tp for tp in tps if await consumer.position(tp) < end[tp]]:
+            for records in (await consumer.getmany(timeout_ms=1000)).values():
+                n += sum(len(decode_audit(r.value or b"")) for r in records
+                         if r.offset < end[TopicPartition(r.topic, r.partition)])
+        return n
     finally:
         await consumer.stop()
 
@@ -301,9 +311,10 @@ async def test_rebuild_skips_duplicates_and_unreadable_messages(
     kafka: str, database_factory: Callable[[], str], tmp_path: Path,
 ) -> None:
     """Rebuilt from a topic holding 14 declarations' trails spread over its partitions,
-    with some events sent twice (at-least-once) and one message that is no event: every
-    event is stored once, the bad message is counted and skipped, and the chains are
-    those of appending the events in order."""
+    half of them one message per event and half one message per trail (an array), with
+    some events sent twice (at-least-once), one message that is no event and one array
+    mixing two declarations: every event is stored once, the bad messages are counted
+    and skipped, and the chains are those of appending the events in order."""
     prefix = f"t{uuid.uuid4().hex[:10]}."
     settings = Settings(kafka_bootstrap=kafka, topic_prefix=prefix, partitions=4)
     await ensure_topics(settings)
@@ -312,10 +323,22 @@ async def test_rebuild_skips_duplicates_and_unreadable_messages(
     await producer.start()
     try:
         topic = Topics.from_settings(settings).audit
-        for e in [*evs, *evs[:5]]:
-            await producer.send_and_wait(topic, e.model_dump_json().encode(),
-                                         key=e.declaration_key.encode())
-        await producer.send_and_wait(topic, b"not an audit event", key=b"p/r00")
+        messages = []
+        for i in range(14):
+            mine = [e for e in evs if e.declaration_key == f"p/r{i:02d}"]
+            if i % 2:
+                messages += encode_audit(mine)
+            else:
+                messages += [(e.declaration_key.encode(), e.model_dump_json().encode())
+                             for e in mine]
+        messages += [(e.declaration_key.encode(), e.model_dump_json().encode())
+                     for e in evs[:5]]
+        messages.append((b"p/r00", b"not an audit event"))
+        mixed = [evs[0], next(e for e in evs if e.declaration_key == "p/r01")]
+        messages.append((b"p/r00", b"[" + b",".join(e.model_dump_json().encode()
+                                                     for e in mixed) + b"]"))
+        for key, value in messages:
+            await producer.send_and_wait(topic, value, key=key)
     finally:
         await producer.stop()
     reference = await AuditStore.open(database_factory())
@@ -330,8 +353,9 @@ async def test_rebuild_skips_duplicates_and_unreadable_messages(
                   cwd=tmp_path, env=_kafka_env(kafka, prefix))
     assert r.returncode == 0, r.stdout + r.stderr
     assert json.loads(r.stdout) == {
-        "topic": f"{prefix}audit", "partitions": 4, "events": len(evs) + 6,
-        "stored": len(evs), "unreadable": 1, "chain_heads": 14,
+        "topic": f"{prefix}audit", "partitions": 4, "messages": len(messages),
+        "events": len(evs) + 5,
+        "stored": len(evs), "unreadable": 2, "chain_heads": 14,
     }
     rebuilt, n, _, problems = await _snapshot(target)
     assert (rebuilt, n, problems) == (heads, len(evs), [])

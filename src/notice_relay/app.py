@@ -4,13 +4,14 @@ Stages (each a Faust agent, each a thin shell around :mod:`notice_relay.stages`)
 
 - ``normalize``  declarations → notices | rejected, + audit
 - ``fanout``     notices → deliveries, + audit
-- ``deliver``    deliveries → outcomes (the only stage that talks to developers)
-- ``outcomes``   outcomes → retries, + audit (delivered / retry_scheduled / failed)
+- ``deliver``    deliveries → retries, + audit (attempted, then delivered /
+                 retry_scheduled / failed); the only stage that talks to developers
 - ``retry``      retries → deliveries, when each task is due
 - ``project``    audit → the audit store
 
 Every agent runs with concurrency 1. Parallelism inside ``deliver`` comes from the
-per-channel lanes: each task is acked when its outcome is out, in any order, and
+per-channel lanes: each task is acked when what its outcome leads to (audit events, a
+retry) is handed to the producer, in any order, and
 :class:`notice_relay.safe_offsets.SafeConsumer` commits only a run of processed offsets
 that starts at the partition's head, so an offset is never committed past a task still
 in flight (see docs/architecture.md, "At-least-once").
@@ -32,7 +33,7 @@ from pydantic import ValidationError
 
 from notice_relay.acks import AckRecord, ack_url, load_ack_secret, make_token
 from notice_relay.audit import worker_queries
-from notice_relay.audit.events import audit_event
+from notice_relay.audit.events import audit_event, decode_audit, encode_audit
 from notice_relay.audit.store import AuditStore
 from notice_relay.channels import build_channel
 from notice_relay.channels.base import Channel
@@ -62,7 +63,6 @@ from notice_relay.safe_offsets import RelayApp
 from notice_relay.stages import (
     DEFAULT_RETRY_SCHEDULE,
     Out,
-    OutcomeRecord,
     RelayedNotice,
     accept,
     duplicate,
@@ -241,7 +241,6 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> faust.App:
     t_rejected = _raw_topic(app, topics.rejected, parts)
     t_notices = _raw_topic(app, topics.notices, parts)
     t_deliveries = _raw_topic(app, topics.deliveries, parts)
-    t_outcomes = _raw_topic(app, topics.outcomes, parts)
     t_audit = _raw_topic(app, topics.audit, parts)
 
     # Both tables are keyed by something the declarations topic is partitioned by
@@ -273,9 +272,8 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> faust.App:
                                                 value=task.model_dump_json().encode()))
         for task in out.retries:
             futs.append(await schedule(task, task.not_before or utcnow()))
-        for ev in out.audit:
-            futs.append(await t_audit.send(key=ev.declaration_key.encode(),
-                                           value=ev.model_dump_json().encode()))
+        for audit_key, audit_value in encode_audit(out.audit):
+            futs.append(await t_audit.send(key=audit_key, value=audit_value))
         return futs
 
     @app.task  # type: ignore[untyped-decorator]  # faust's decorators are untyped
@@ -362,15 +360,29 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> faust.App:
                       "reason": f"{task.developer_id} was never sent {n.supersedes}"})
         return None
 
-    async def report(event: Any, task: DeliveryTask, outcome: Outcome) -> None:
-        await t_outcomes.send(
-            key=task.delivery_id.encode(),
-            value=OutcomeRecord(task=task, outcome=outcome).model_dump_json().encode(),
-        )
-        await deliver_stream[0].ack(event)
-        log.debug("deliver.acked", delivery_id=task.delivery_id, attempt=task.attempt,
-                  outcome=outcome.kind.value, partition=event.message.partition,
-                  offset=event.message.offset)
+    async def report(done: Sequence[tuple[Any, DeliveryTask, Outcome]]) -> None:
+        """A lane's chunk is done: its audit events (one message per declaration) and
+        retries go out, channel health follows, and then each task is acknowledged."""
+        out = Out()
+        for _, task, outcome in done:
+            step = on_outcome(task, outcome, schedule=rt.schedule_for(task),
+                              slow_down_floor=settings.slow_down_floor)
+            out.audit += step.audit
+            out.retries += step.retries
+            health = states.get(task.developer_id, task.channel)
+            changed = after_outcome(health, outcome, now=utcnow(),
+                                    disable_after=settings.disable_after)
+            if changed is not None and health.enabled and not changed.enabled:
+                states.set_local(changed)
+                log.warning("channel.disabled", developer=changed.developer_id,
+                            channel=changed.channel, reason=changed.reason)
+                out.audit.append(channel_event(changed, outcome.attempted_at))
+        await send_out(out)
+        for event, task, outcome in done:
+            await deliver_stream[0].ack(event)
+            log.debug("deliver.acked", delivery_id=task.delivery_id, attempt=task.attempt,
+                      outcome=outcome.kind.value, partition=event.message.partition,
+                      offset=event.message.offset)
 
     lanes: dict[tuple[str, str], Lane[Any]] = {}
 
@@ -404,8 +416,8 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> faust.App:
                       partition=event.message.partition, offset=event.message.offset)
             lane = lane_for(key)
             if lane is None:
-                await report(event, task, Outcome.permanent(
-                    task, f"channel {key[0]}/{key[1]} is no longer configured"))
+                await report([(event, task, Outcome.permanent(
+                    task, f"channel {key[0]}/{key[1]} is no longer configured"))])
                 continue
             health = states.get(*key)
             if not health.enabled:
@@ -436,29 +448,6 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> faust.App:
                 await s.ack(event)
                 continue
             await lane.put(event, task)
-            yield None
-
-    @app.agent(t_outcomes, name="outcomes")
-    async def outcomes_agent(stream: faust.StreamT[bytes]) -> AsyncIterator[None]:
-        await states.wait_ready()
-        async for batch in stream.take(500, within=0.05):
-            for raw in batch:
-                try:
-                    rec = OutcomeRecord.model_validate_json(raw)
-                except ValidationError as exc:
-                    log.error("outcome.unreadable", error=str(exc)[:500])  # noqa: TRY400 - bad input, no traceback
-                    continue
-                task, outcome = rec.task, rec.outcome
-                await send_out(on_outcome(task, outcome, schedule=rt.schedule_for(task),
-                                          slow_down_floor=settings.slow_down_floor))
-                health = states.get(task.developer_id, task.channel)
-                changed = after_outcome(health, outcome, now=utcnow(),
-                                        disable_after=settings.disable_after)
-                if changed is not None and health.enabled and not changed.enabled:
-                    states.set_local(changed)
-                    log.warning("channel.disabled", developer=changed.developer_id,
-                                channel=changed.channel, reason=changed.reason)
-                    await send_out(Out(audit=[channel_event(changed, outcome.attempted_at)]))
             yield None
 
     def make_tier_agent(seconds: int, topic: Any) -> None:
@@ -614,8 +603,8 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> faust.App:
             events: list[AuditEvent] = []
             for raw in batch:
                 try:
-                    events.append(AuditEvent.model_validate_json(raw))
-                except ValidationError as exc:
+                    events += decode_audit(raw)
+                except ValueError as exc:  # pydantic's ValidationError included
                     log.error("audit.unreadable", error=str(exc)[:500])  # noqa: TRY400 - bad input, no traceback
             delay = 0.5
             while True:

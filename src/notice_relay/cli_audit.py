@@ -250,13 +250,14 @@ def cmd_audit_rebuild(args: argparse.Namespace, settings: Settings) -> int:
     result = asyncio.run(_with_store(url, run, create=True))
     if args.json:
         sys.stdout.write(json.dumps({
-            "topic": result.topic, "partitions": result.partitions, "events": result.messages,
-            "stored": result.stored, "unreadable": result.unreadable,
+            "topic": result.topic, "partitions": result.partitions,
+            "messages": result.messages, "events": result.events, "stored": result.stored, "unreadable": result.unreadable,
             "chain_heads": result.chain_heads,
         }, indent=2) + "\n")
         return 0
     out.print(f"rebuilt {_shown(url)} from {result.topic} ({result.partitions} partitions): "
-              f"{result.messages} events read, {result.stored} stored"
+              f"{result.events} events read in {result.messages} messages, "
+              f"{result.stored} stored"
               + (f", {result.unreadable} unreadable skipped" if result.unreadable else "")
               + f"; {result.chain_heads} chain heads", markup=False)
     return 0

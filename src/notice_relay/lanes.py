@@ -8,9 +8,10 @@ a lane only while that lane is making progress; a lane that has not completed an
 attempt for ``stall_after`` seconds, or whose circuit breaker is open after
 ``breaker_threshold`` consecutive transient failures, is not waited for: its new
 tasks are deferred (sent to the retry tiers, no attempt counted) and the reader moves
-on. Outcomes are reported per task through a callback, in whatever order they
-complete; the deliver stage acks each task's message then (Faust commits up to the
-first message still in flight, so nothing is committed before its outcome exists).
+on. Outcomes are reported per chunk through a callback, in whatever order chunks
+complete; the deliver stage sends what they lead to and acks each task's message then
+(only a run of acked offsets from the partition's head is committed, so nothing is
+committed before its outcome is out).
 
 An email lane with a digest window collects tasks for up to that window (or until
 ``max_batch``) and sends them as one message.
@@ -21,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from typing import Generic, TypeVar
@@ -66,7 +67,7 @@ class Lane(Generic[T]):
         self,
         key: tuple[str, str],
         channel: Channel,
-        report: Callable[[T, DeliveryTask, Outcome], Awaitable[None]],
+        report: Callable[[Sequence[tuple[T, DeliveryTask, Outcome]]], Awaitable[None]],
         settings: LaneSettings,
     ) -> None:
         self.key = key
@@ -162,12 +163,15 @@ class Lane(Generic[T]):
                     Outcome.transient(t, f"internal error in channel: {exc!r}") for t in tasks
                 ]
             self.last_progress = time.monotonic()
-            for (token, task), outcome in zip(batch, outcomes, strict=True):
+            done = [(token, task, outcome)
+                    for (token, task), outcome in zip(batch, outcomes, strict=True)]
+            for _, _, outcome in done:
                 self._observe(outcome)
-                try:
-                    await self.report(token, task, outcome)
-                except Exception:
-                    log.exception("lane.report_failed", delivery_id=task.delivery_id)
+            try:
+                await self.report(done)
+            except Exception:  # not acked: read again after a restart or a re-read
+                log.exception("lane.report_failed", developer=self.key[0], channel=self.key[1],
+                              deliveries=[t.delivery_id for _, t, _ in done][:10])
         finally:
             self.in_flight -= len(batch)
             self._chunks.release()

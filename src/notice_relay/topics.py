@@ -49,7 +49,6 @@ class Topics:
     rejected: str
     notices: str
     deliveries: str
-    outcomes: str
     acks: str
     audit: str
     retry_tiers: tuple[tuple[int, str], ...]

@@ -32,11 +32,11 @@ from aiokafka import (  # aiokafka ships no py.typed: see [[tool.mypy.overrides]
     TopicPartition,
 )
 from aiokafka.errors import KafkaError
-from pydantic import ValidationError
 
 from notice_relay.audit.store import DB_ERRORS, AuditStore, chain_heads, db_reason
 from notice_relay.config import Settings
 from notice_relay.errors import ConfigError, KafkaUnavailable, StoreError
+from notice_relay.audit.events import decode_audit
 from notice_relay.models import AuditEvent
 from notice_relay.topics import Topics
 
@@ -54,9 +54,11 @@ class RebuildResult:
     partitions: int
     #: Messages read from the topic (up to the end offsets captured at the start).
     messages: int
+    #: Events in them (a message holds one event, or several of one declaration).
+    events: int
     #: Events stored: a message repeated by at-least-once delivery is stored once.
     stored: int
-    #: Messages that were not an AuditEvent (skipped, as the live projector does).
+    #: Messages that were not audit events (skipped, as the live projector does).
     unreadable: int
     #: Chain heads in the store afterwards: one per declaration (and channel) trail.
     chain_heads: int
@@ -135,7 +137,7 @@ async def _rebuild(
         consumer.pause(tp)
     heads: dict[TopicPartition, deque[ConsumerRecord[bytes, bytes]]] = {tp: deque() for tp in tps}
     out: list[AuditEvent] = []
-    read = stored = unreadable = 0
+    read = stored = unreadable = n_events = 0
     read_since_flush = 0
     last_progress = time.monotonic()
 
@@ -187,11 +189,14 @@ async def _rebuild(
         read += 1
         read_since_flush += 1
         try:
-            out.append(AuditEvent.model_validate_json(record.value or b""))
-        except ValidationError as exc:
+            found = decode_audit(record.value or b"")
+        except ValueError as exc:  # pydantic's ValidationError included
             unreadable += 1
             log.error("audit.unreadable", partition=tp.partition, offset=record.offset,  # noqa: TRY400 - a bad message, not a bug: no traceback
                       error=str(exc)[:300])
+        else:
+            out += found
+            n_events += len(found)
         if len(out) >= batch:
             await flush()
     if read_since_flush:
@@ -203,7 +208,8 @@ async def _rebuild(
                 sa.select(sa.func.count()).select_from(chain_heads))).scalar_one())
     except DB_ERRORS as exc:
         raise StoreError(f"cannot read the audit store: {db_reason(exc)}") from exc
-    result = RebuildResult(topic=topic, partitions=len(tps), messages=read, stored=stored,
+    result = RebuildResult(topic=topic, partitions=len(tps), messages=read, events=n_events,
+                           stored=stored,
                            unreadable=unreadable, chain_heads=n_heads)
     log.info("audit.rebuild.done", **{k: v for k, v in vars(result).items() if k != "topic"})
     return result
