@@ -251,7 +251,8 @@ def cmd_audit_rebuild(args: argparse.Namespace, settings: Settings) -> int:
     if args.json:
         sys.stdout.write(json.dumps({
             "topic": result.topic, "partitions": result.partitions,
-            "messages": result.messages, "events": result.events, "stored": result.stored, "unreadable": result.unreadable,
+            "messages": result.messages, "events": result.events,
+            "stored": result.stored, "unreadable": result.unreadable,
             "chain_heads": result.chain_heads,
         }, indent=2) + "\n")
         return 0

@@ -33,10 +33,10 @@ from aiokafka import (  # aiokafka ships no py.typed: see [[tool.mypy.overrides]
 )
 from aiokafka.errors import KafkaError
 
+from notice_relay.audit.events import decode_audit
 from notice_relay.audit.store import DB_ERRORS, AuditStore, chain_heads, db_reason
 from notice_relay.config import Settings
 from notice_relay.errors import ConfigError, KafkaUnavailable, StoreError
-from notice_relay.audit.events import decode_audit
 from notice_relay.models import AuditEvent
 from notice_relay.topics import Topics
 
