@@ -491,10 +491,15 @@ class Bench:
             await self.wait_delivered(root, len(sent) * n_devs + n_devs, 300, proc)
             arr = await self.arrivals()
             lat = []
+            points = []
             for j, t in sent.items():
                 for wid in common.delivery_ids(run, j + 1, devs):
                     if wid in arr:
                         lat.append((arr[wid] - t) * 1000)
+                        points.append((round(t, 4), round(lat[-1], 2)))
+            if self.args.latency_dump:
+                await asyncio.to_thread(Path(self.args.latency_dump).write_text,
+                                        json.dumps(sorted(points)))
             return {"label": label, "rate_declarations_per_s": round(rate, 2),
                     "rate_deliveries_per_s": round(rate * n_devs, 1),
                     "deliveries": len(lat), "latency_ms": common.percentiles(lat)}
@@ -714,7 +719,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     await bench.start()
     try:
         phases = set(args.phases.split(","))
-        if phases & {"throughput", "latency"}:
+        if "throughput" in phases or ("latency" in phases and not args.latency_rate):
             phases |= {"baseline", "relay"}
         if "baseline" in phases:
             log(f"baseline: {n_decl * 10:,} deliveries to 10 developers")
@@ -729,13 +734,13 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             res["relay"] = await bench.relay("main", n_decl, 10, profile=args.profile_to)
             log(f"  {res['relay']['deliveries_per_s']} deliveries/s")
         if "latency" in phases:
-            rate = 0.3 * res["relay"]["deliveries_per_s"]
+            rate = args.latency_rate or 0.3 * res["relay"]["deliveries_per_s"]
             duration = 10.0 if q else 30.0
             log(f"latency at {rate:.0f} deliveries/s for {duration:.0f}s")
             rl = await bench.relay("latency", int(rate / 10 * duration) + 1, 10,
                                    rate=rate / 10, duration=duration)
-            bl = await bench.baseline(min(n_decl, 500), 10, res["baseline"]["best"]["concurrency"],
-                                      rate=rate, duration=duration)
+            best = res["baseline"]["best"]["concurrency"] if "baseline" in res else 64
+            bl = await bench.baseline(min(n_decl, 500), 10, best, rate=rate, duration=duration)
             res["latency"] = {"relay": rl, "baseline": bl}
             log(f"  relay p99 {rl['latency_ms']['p99']} ms, baseline p99 "
                 f"{bl['latency_ms']['p99']} ms")
@@ -792,6 +797,11 @@ def main() -> int:
     parser.add_argument("--growth-declarations", type=int,
                         help="declarations of the 1-developer run (default 2000; the "
                              "100-developer run gets 1/40 of it)")
+    parser.add_argument("--latency-rate", type=float,
+                        help="deliveries/s of the latency phase (default: 30 %% of the relay's "
+                             "measured maximum; given, the throughput runs are skipped)")
+    parser.add_argument("--latency-dump", help="write the relay's [publish time, latency ms] "
+                        "pairs of the latency phase to this JSON file")
     parser.add_argument("--backlog", type=int, help="pending deliveries (default 1,000,000)")
     parser.add_argument("--query-rows", type=int, help="store rows (default 1,000,000)")
     parser.add_argument("--receivers", type=int, default=2, help="receiver processes")
