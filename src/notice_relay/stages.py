@@ -51,15 +51,6 @@ class RelayedNotice(BaseModel):
     targets: list[str] = Field(min_length=1)
 
 
-class OutcomeRecord(BaseModel):
-    """The value of the outcomes topic: an attempt's outcome with its task."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    task: DeliveryTask
-    outcome: Outcome
-
-
 @dataclass
 class Out:
     """Records a stage wants sent, per logical topic."""
@@ -274,7 +265,6 @@ def utcnow() -> datetime:
 __all__ = [
     "DEFAULT_RETRY_SCHEDULE",
     "FieldError",
-    "OutcomeRecord",
     "RelayedNotice",
     "accept",
     "duplicate",
