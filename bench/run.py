@@ -438,13 +438,23 @@ class Bench:
         topics = Topics.from_settings(settings)
         await self.prepare_topics(settings)
         devs = common.developer_ids(n_devs)
-        proc = self.start_worker(root, env, "worker")
+        n_workers = max(1, self.args.workers)
+        workers = [self.start_worker(root, env, "worker" if w == 0 else f"worker-{w}")
+                   for w in range(n_workers)]
+        proc = workers[0]
         spy: subprocess.Popen[bytes] | None = None
         try:
             t_start = time.monotonic()
             await self.publish(topics.declarations,
                                [(b"warm", common.declaration(run, 0), [])])
             await self.wait_delivered(root, n_devs, 180, proc)
+            if n_workers > 1:
+                # Every worker joined and the group settled: one more declaration goes
+                # through after the last join's rebalance.
+                await asyncio.sleep(10)
+                await self.publish(topics.declarations,
+                                   [(b"warm2", common.declaration(run, 10**6), [])])
+                await self.wait_delivered(root, 2 * n_devs, 180, proc)
             log(f"  worker {label} ready ({time.monotonic() - t_start:.1f}s after start, "
                 f"RSS {rss_mib(proc.pid):.0f} MiB)")
             await self.reset()
@@ -457,26 +467,29 @@ class Bench:
                      "-r", "67", "-f", "raw", "-o", profile, "--nonblocking",
                      *(["--gil"] if self.args.profile_gil else [])],
                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            warm = n_devs * (2 if n_workers > 1 else 1)
             if rate is None:
-                proc.send_signal(signal.SIGSTOP)
+                for w in workers:
+                    w.send_signal(signal.SIGSTOP)
                 try:
                     await self.publish(topics.declarations, decls)
                 finally:
-                    cpu0 = cpu_seconds(proc.pid)
+                    cpu0 = sum(cpu_seconds(w.pid) for w in workers)
                     t0 = time.time()
-                    proc.send_signal(signal.SIGCONT)
+                    for w in workers:
+                        w.send_signal(signal.SIGCONT)
                 peak = 0.0
                 waiter = asyncio.create_task(
-                    self.wait_delivered(root, total + n_devs, max(600.0, total / 10), proc))
+                    self.wait_delivered(root, total + warm, max(600.0, total / 10), proc))
                 while not waiter.done():
-                    peak = max(peak, rss_mib(proc.pid))
+                    peak = max(peak, max(rss_mib(w.pid) for w in workers))
                     await asyncio.wait({waiter}, timeout=0.5)
                 t_end = waiter.result()
-                cpu1 = cpu_seconds(proc.pid)
+                cpu1 = sum(cpu_seconds(w.pid) for w in workers)
                 s = await self.stats()
                 elapsed = t_end - t0
                 return {"label": label, "developers": n_devs, "declarations": n_decl,
-                        "http_client": http_client, "deliveries": total,
+                        "http_client": http_client, "workers": n_workers, "deliveries": total,
                         "seconds": round(elapsed, 3),
                         "deliveries_per_s": round(total / elapsed, 1),
                         "receipts_done_s": round(s["last_arrival"] - t0, 3),
@@ -488,7 +501,7 @@ class Bench:
             count = max(1, int(rate * duration))
             sent = await self.publish_paced(topics.declarations,
                                             lambda j: decls[j], min(count, n_decl), rate)
-            await self.wait_delivered(root, len(sent) * n_devs + n_devs, 300, proc)
+            await self.wait_delivered(root, len(sent) * n_devs + warm, 300, proc)
             arr = await self.arrivals()
             lat = []
             points = []
@@ -500,7 +513,8 @@ class Bench:
             if self.args.latency_dump:
                 await asyncio.to_thread(Path(self.args.latency_dump).write_text,
                                         json.dumps(sorted(points)))
-            return {"label": label, "rate_declarations_per_s": round(rate, 2),
+            return {"label": label, "workers": n_workers,
+                    "rate_declarations_per_s": round(rate, 2),
                     "rate_deliveries_per_s": round(rate * n_devs, 1),
                     "deliveries": len(lat), "latency_ms": common.percentiles(lat)}
         finally:
@@ -508,7 +522,8 @@ class Bench:
                 spy.send_signal(signal.SIGINT)
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     spy.wait(60)
-            self.stop_worker(proc)
+            for w in workers:
+                self.stop_worker(w)
 
     # ------------------------------------------------------------------ backlog
 
@@ -800,6 +815,9 @@ def main() -> int:
     parser.add_argument("--latency-rate", type=float,
                         help="deliveries/s of the latency phase (default: 30 %% of the relay's "
                              "measured maximum; given, the throughput runs are skipped)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="worker processes sharing the partitions in the relay runs "
+                             "(CPU seconds are their sum, RSS the largest)")
     parser.add_argument("--latency-dump", help="write the relay's [publish time, latency ms] "
                         "pairs of the latency phase to this JSON file")
     parser.add_argument("--backlog", type=int, help="pending deliveries (default 1,000,000)")
