@@ -447,14 +447,16 @@ class Bench:
             t_start = time.monotonic()
             await self.publish(topics.declarations,
                                [(b"warm", common.declaration(run, 0), [])])
-            await self.wait_delivered(root, n_devs, 180, proc)
+            warm = n_devs  # deliveries made before the measured ones
+            await self.wait_delivered(root, warm, 180, proc)
             if n_workers > 1:
                 # Every worker joined and the group settled: one more declaration goes
                 # through after the last join's rebalance.
                 await asyncio.sleep(10)
                 await self.publish(topics.declarations,
                                    [(b"warm2", common.declaration(run, 10**6), [])])
-                await self.wait_delivered(root, 2 * n_devs, 180, proc)
+                warm += n_devs
+                await self.wait_delivered(root, warm, 180, proc)
             log(f"  worker {label} ready ({time.monotonic() - t_start:.1f}s after start, "
                 f"RSS {rss_mib(proc.pid):.0f} MiB)")
             await self.reset()
@@ -467,7 +469,6 @@ class Bench:
                      "-r", "67", "-f", "raw", "-o", profile, "--nonblocking",
                      *(["--gil"] if self.args.profile_gil else [])],
                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            warm = n_devs * (2 if n_workers > 1 else 1)
             if rate is None:
                 for w in workers:
                     w.send_signal(signal.SIGSTOP)

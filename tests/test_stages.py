@@ -13,6 +13,7 @@ from notice_relay.fanout import delivery_id, plan_deliveries
 from notice_relay.models import AuditType, FieldError, Outcome, OutcomeKind, Use
 from notice_relay.stages import (
     DEFAULT_RETRY_SCHEDULE,
+    Out,
     on_outcome,
     reject,
     rejection_key,
@@ -164,3 +165,21 @@ def test_outcome_kinds_are_exhaustive() -> None:
         o = Outcome(delivery_id=task.delivery_id, kind=kind, attempt=1, attempted_at=NOW,
                     error=None if kind is OutcomeKind.DELIVERED else "x")
         assert on_outcome(task, o).audit
+
+
+
+def test_out_extend_appends_every_topic_in_order() -> None:
+    first = Out(deliveries=[make_task()], retries=[make_task()])
+    task = make_task()
+    retried = on_outcome(task, Outcome.transient(task, "HTTP 503", status_code=503),
+                         schedule=[timedelta(seconds=10)], rng=random.Random(1))
+    rejected = reject(b"{", None, DeclarationInvalid("not JSON", []), NOW)
+    before_deliveries, before_retries = list(first.deliveries), list(first.retries)
+    assert first.extend(retried).extend(rejected) is first
+    assert first.deliveries == before_deliveries
+    assert first.retries == [*before_retries, *retried.retries]
+    assert retried.retries
+    assert first.audit == [*retried.audit, *rejected.audit]
+    assert first.rejected == rejected.rejected
+    assert first.rejected
+    assert first.notices == []

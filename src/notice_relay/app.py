@@ -370,8 +370,7 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> faust.App:
     async def send_reports(outs: list[Out]) -> None:
         merged = Out()
         for o in outs:
-            merged.audit += o.audit
-            merged.retries += o.retries
+            merged.extend(o)
         await send_out(merged)
 
     # Chunks finishing in several lanes within REPORT_WINDOW go out together: one audit
@@ -385,8 +384,7 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> faust.App:
         for _, task, outcome in done:
             step = on_outcome(task, outcome, schedule=rt.schedule_for(task),
                               slow_down_floor=settings.slow_down_floor)
-            out.audit += step.audit
-            out.retries += step.retries
+            out.extend(step)
             health = states.get(task.developer_id, task.channel)
             changed = after_outcome(health, outcome, now=utcnow(),
                                     disable_after=settings.disable_after)

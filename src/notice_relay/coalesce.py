@@ -54,11 +54,9 @@ class Coalescer(Generic[T]):
         try:
             await self._send(batch)
         except Exception as exc:  # every submitter of the round sees it
-            if not fut.done():
-                fut.set_exception(exc)
+            fut.set_exception(exc)
             # Retrieved here so that a round nobody waits for any more is not logged
             # as "exception never retrieved".
             fut.exception()
         else:
-            if not fut.done():
-                fut.set_result(None)
+            fut.set_result(None)

@@ -61,6 +61,15 @@ class Out:
     retries: list[DeliveryTask] = field(default_factory=list)
     audit: list[AuditEvent] = field(default_factory=list)
 
+    def extend(self, other: Out) -> Out:
+        """Append everything of ``other`` (in order, topic by topic); ``self``."""
+        self.rejected += other.rejected
+        self.notices += other.notices
+        self.deliveries += other.deliveries
+        self.retries += other.retries
+        self.audit += other.audit
+        return self
+
 
 _ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
