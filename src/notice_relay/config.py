@@ -58,6 +58,18 @@ def _env_float(name: str, default: float) -> float:
         raise ConfigError(f"{name} must be a number, not {raw!r}") from None
 
 
+TABLE_STORES = ("rocksdb", "memory")
+
+
+def _env_choice(name: str, default: str, choices: tuple[str, ...]) -> str:
+    raw = os.environ.get(name)
+    if not raw:
+        return default
+    if raw not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}, not {raw!r}")
+    return raw
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything a worker, the CLI or the API needs to know about its surroundings."""
@@ -71,6 +83,11 @@ class Settings:
     connectors_dir: Path = Path("connectors")
     publishers_file: Path = Path("publishers.toml")
     data_dir: Path = Path("var/faust")
+    #: Where the workers keep their tables (the declarations seen, each artist's
+    #: latest version): ``rocksdb`` on disk (bounded memory; each worker process takes
+    #: a directory of its own under ``data_dir``) or ``memory`` (rebuilt from the
+    #: changelog topics at every start; grows with the number of declarations).
+    table_store: str = "rocksdb"
     #: How many delivery tasks the deliver stage takes at once, and how long it
     #: waits to fill a batch.
     deliver_batch: int = 256
@@ -118,6 +135,7 @@ class Settings:
             connectors_dir=Path(env("NOTICE_RELAY_CONNECTORS") or d.connectors_dir),
             publishers_file=Path(env("NOTICE_RELAY_PUBLISHERS") or d.publishers_file),
             data_dir=Path(env("NOTICE_RELAY_DATA_DIR") or d.data_dir),
+            table_store=_env_choice("NOTICE_RELAY_TABLE_STORE", d.table_store, TABLE_STORES),
             deliver_batch=_env_int("NOTICE_RELAY_DELIVER_BATCH", d.deliver_batch),
             deliver_batch_wait=_env_float("NOTICE_RELAY_DELIVER_BATCH_WAIT", d.deliver_batch_wait),
             audit_batch=_env_int("NOTICE_RELAY_AUDIT_BATCH", d.audit_batch),

@@ -40,6 +40,17 @@ done and no stream holds the head, the partition is read again from the head; li
 when a partition has messages past its head, none processed, while the agent of its
 topic holds nothing (it is waiting for input that faust dropped).
 
+Two of those drops are caught where they happen instead of seconds later:
+
+- every fetched batch is compared with what faust handed on (``offsets.dropped`` in
+  the log). Records of a partition that was active, dropped while no rebalance began,
+  are read again from the first dropped offset at once. Records dropped because a
+  rebalance began, or because the partition was paused for a table recovery, need
+  nothing: both end with a seek to the committed offsets.
+- a partition left paused after its recovery completed (seen once in the fault
+  suite: a partition taken over in a rebalance stayed idle until the next one) is
+  resumed and read again from its head after ``reread_after`` seconds.
+
 :class:`RelayApp` is a :class:`faust.App` whose transport builds this consumer.
 """
 
@@ -48,6 +59,7 @@ from __future__ import annotations
 import asyncio
 import time
 from bisect import bisect_left
+from collections.abc import Mapping
 from typing import Any
 
 import faust
@@ -56,6 +68,8 @@ from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TP, Message
 
 log = structlog.get_logger("notice_relay.offsets")
+
+RecordMap = Mapping[TP, list[Any]]  # what aiokafka's fetcher returns: records by partition
 
 __all__ = ["RelayApp", "SafeConsumer", "SafeTransport", "committable_offset"]
 
@@ -83,6 +97,48 @@ def committable_offset(acked: list[int], head: int | None) -> tuple[int | None, 
 
 class SafeConsumer(faust_aiokafka.Consumer):
     """faust's aiokafka consumer with the commit rules described in the module doc."""
+
+    # ------------------------------------------------------------ dropped batches
+
+    async def _wait_next_records(
+        self, timeout: float  # noqa: ASYNC109 - faust's signature
+    ) -> tuple[RecordMap | None, set[TP] | None]:
+        records, active = await super()._wait_next_records(timeout)
+        app = self.app
+        self.__dict__["_nr_batch"] = (records, set(active or ()), app.consumer_generation_id,
+                                      app.rebalancing_count)
+        return records, active
+
+    async def getmany(self, timeout: float) -> Any:  # noqa: ASYNC109 - faust's signature
+        """faust's getmany, then a look at what of the batch it did not hand on."""
+        handed: dict[TP, int] = {}
+        async for tp, message in super().getmany(timeout):
+            handed[tp] = message.offset
+            yield tp, message
+        batch = self.__dict__.pop("_nr_batch", None)
+        if batch is not None and batch[0]:
+            await self._after_batch(*batch, handed=handed)
+
+    async def _after_batch(self, records: RecordMap, active: set[TP], generation: int,
+                           rebalances: int, *, handed: dict[TP, int]) -> None:
+        app = self.app
+        settled = (generation == app.consumer_generation_id and not app.rebalancing
+                   and rebalances == app.rebalancing_count and self.flow_active)
+        assignment = self.assignment()
+        for tp, batch in records.items():
+            last = handed.get(tp, -1)
+            dropped = [r.offset for r in batch if r.offset > last]
+            if not dropped or tp not in assignment:
+                continue
+            was_active = tp in active or tp in self._buffered_partitions
+            log.info("offsets.dropped", topic=tp.topic, partition=tp.partition,
+                     offset=dropped[0], count=len(dropped), active=was_active,
+                     settled=settled)
+            if settled and was_active:
+                # Nothing else will bring these back: read them again now.
+                await self.seek(tp, dropped[0])
+            # Otherwise a rebalance began, or the partition was paused for a table
+            # recovery: both end with a seek to the committed offsets.
 
     async def perform_seek(self) -> None:
         """Seek every partition to its committed offset and remember each one's head."""
@@ -158,7 +214,7 @@ class SafeConsumer(faust_aiokafka.Consumer):
 
     #: Seconds a partition's head may stay unprocessed while later offsets are done and
     #: no stream holds the head, before the partition is read again from the head.
-    reread_after: float = 10.0
+    reread_after: float = 5.0
 
     @property
     def _blocked(self) -> dict[TP, tuple[int, float]]:
@@ -189,7 +245,8 @@ class SafeConsumer(faust_aiokafka.Consumer):
         if now - since[1] < self.reread_after:
             return
         self._blocked.pop(tp, None)
-        log.warning("offsets.reread", topic=tp.topic, partition=tp.partition, offset=head)
+        log.warning("offsets.reread", topic=tp.topic, partition=tp.partition, offset=head,
+                    paused=tp in self._paused_partitions)
         task = asyncio.ensure_future(self._reread(tp, head))
         self._rereads.add(task)
         task.add_done_callback(self._rereads.discard)
@@ -214,6 +271,7 @@ class SafeConsumer(faust_aiokafka.Consumer):
         now = time.monotonic()
         busy = {m.tp.topic for m in list(self._unacked_messages) if not m.acked}
         acks_enabled_for = self.app.topics.acks_enabled_for
+        self._watch_paused(now)
         for tp in self.assignment():
             head = self._committed_offset.get(tp)
             highwater = self.highwater(tp)
@@ -227,7 +285,40 @@ class SafeConsumer(faust_aiokafka.Consumer):
             elif now - since[1] >= self.reread_after:
                 self._idle.pop(tp, None)
                 log.warning("offsets.reread", topic=tp.topic, partition=tp.partition,
-                            offset=head, idle=True)
+                            offset=head, idle=True, paused=tp in self._paused_partitions)
+                task = asyncio.ensure_future(self._reread(tp, head))
+                self._rereads.add(task)
+                task.add_done_callback(self._rereads.discard)
+
+    @property
+    def _paused_since(self) -> dict[TP, float]:
+        since: dict[TP, float] | None = self.__dict__.get("_nr_paused_since")
+        if since is None:
+            since = self.__dict__["_nr_paused_since"] = {}
+        return since
+
+    def _watch_paused(self, now: float) -> None:
+        """A stream partition still paused ``reread_after`` seconds after the recovery
+        completed, outside a rebalance: resume it and read it again from its head."""
+        app = self.app
+        recovery = app.tables.recovery  # type: ignore[attr-defined]  # not on TableManagerT
+        settled = (recovery.completed.is_set() and not app.rebalancing
+                   and not app.in_recovery and self.flow_active)
+        changelogs = app.tables.changelog_topics
+        stuck = {tp for tp in self._paused_partitions
+                 if tp.topic not in changelogs} if settled else set()
+        for tp in list(self._paused_since):
+            if tp not in stuck:
+                del self._paused_since[tp]
+        for tp in stuck:
+            since = self._paused_since.setdefault(tp, now)
+            if now - since < self.reread_after or tp not in self.assignment():
+                continue
+            del self._paused_since[tp]
+            head = self._committed_offset.get(tp)
+            log.warning("offsets.resume", topic=tp.topic, partition=tp.partition, offset=head)
+            self.resume_partitions({tp})
+            if head is not None:
                 task = asyncio.ensure_future(self._reread(tp, head))
                 self._rereads.add(task)
                 task.add_done_callback(self._rereads.discard)
