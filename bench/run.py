@@ -349,6 +349,7 @@ class Bench:
             "NOTICE_RELAY_PARTITIONS": str(PARTITIONS),
             "NOTICE_RELAY_LOG_FORMAT": "json",
             "NOTICE_RELAY_HTTP_CLIENT": http_client,
+            "NOTICE_RELAY_TABLE_STORE": self.args.table_store,
             **secrets_env,
         })
         settings = Settings(kafka_bootstrap=self.node.bootstrap, topic_prefix=prefix,
@@ -491,6 +492,7 @@ class Bench:
                 elapsed = t_end - t0
                 return {"label": label, "developers": n_devs, "declarations": n_decl,
                         "http_client": http_client, "workers": n_workers, "deliveries": total,
+                        "table_store": self.args.table_store,
                         "seconds": round(elapsed, 3),
                         "deliveries_per_s": round(total / elapsed, 1),
                         "receipts_done_s": round(s["last_arrival"] - t0, 3),
@@ -816,6 +818,8 @@ def main() -> int:
     parser.add_argument("--latency-rate", type=float,
                         help="deliveries/s of the latency phase (default: 30 %% of the relay's "
                              "measured maximum; given, the throughput runs are skipped)")
+    parser.add_argument("--table-store", choices=("rocksdb", "memory"), default="rocksdb",
+                        help="the relay worker's table store (NOTICE_RELAY_TABLE_STORE)")
     parser.add_argument("--workers", type=int, default=1,
                         help="worker processes sharing the partitions in the relay runs "
                              "(CPU seconds are their sum, RSS the largest)")

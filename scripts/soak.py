@@ -166,6 +166,7 @@ async def main_async(args: argparse.Namespace) -> int:
     try:
         await harness.start_kafka()
         relay = faultlib.Relay(work / "relay", harness.bootstrap)
+        relay.env["NOTICE_RELAY_TABLE_STORE"] = args.table_store
         developers = await faultlib.Developers(relay, harness.ca_file).start()
         worker = faultlib.Worker(relay)
         load = faultlib.Load(relay, args.rate, tag="soak")
@@ -246,6 +247,7 @@ async def main_async(args: argparse.Namespace) -> int:
 
     summary = {
         "started_at": started.isoformat(), "minutes": args.minutes, "rate": args.rate,
+        "table_store": args.table_store,
         "interval_s": args.interval, "warmup_s": warmup, "samples": len(samples),
         "command": "make soak  # python " + " ".join(sys.argv),
         "published": len(load.published), "expected": tally.expected,
@@ -276,9 +278,10 @@ async def main_async(args: argparse.Namespace) -> int:
     text = json.dumps(summary, indent=2)
     (out_dir / "latest.json").write_text(text + "\n")
     (work / "summary.json").write_text(text + "\n")
-    png = faultlib.ROOT / "docs" / "img" / "soak.png"
+    png = args.plot
     plot(samples, warmup, png, f"notice-relay soak, {started:%Y-%m-%d %H:%M} UTC: "
-         f"{args.minutes:g} min at {args.rate:g} declarations/s (x4 notices)")
+         f"{args.minutes:g} min at {args.rate:g} declarations/s (x4 notices), "
+         f"tables: {args.table_store}")
     print(text)
     print(f"\nCSV {csv_path}\nplot {png}")
     ok = summary["lost"] == 0 and summary["chains_verify"] and code == 0
@@ -291,6 +294,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--minutes", type=float, default=15.0, help="how long the load runs")
     p.add_argument("--rate", type=float, default=3.0, help="declarations per second")
     p.add_argument("--interval", type=float, default=5.0, help="seconds between samples")
+    p.add_argument("--table-store", choices=("rocksdb", "memory"), default="rocksdb",
+                   help="the worker's table store (NOTICE_RELAY_TABLE_STORE)")
+    p.add_argument("--plot", type=Path, default=faultlib.ROOT / "docs" / "img" / "soak.png",
+                   help="where the PNG goes")
     args = p.parse_args(argv)
     faultlib.quiet_kafka_logs()
     return asyncio.run(main_async(args))

@@ -1,12 +1,16 @@
 """The commit rule of :mod:`notice_relay.safe_offsets`: only a run of processed
-offsets that starts exactly where reading would resume may be committed."""
+offsets that starts exactly where reading would resume may be committed; and the flow
+control that keeps what a running flow buffered."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from hypothesis import given
 from hypothesis import strategies as st
+from mode.utils.queues import FlowControlQueue
 
-from notice_relay.safe_offsets import committable_offset
+from notice_relay.safe_offsets import FlowControl, committable_offset
 
 
 def test_nothing_to_commit_without_a_known_head() -> None:
@@ -47,3 +51,30 @@ def test_never_commits_past_an_unprocessed_offset(head: int, acked: set[int]) ->
         assert head not in acked
     assert set(consumed) <= acked
     assert all(o < (offset if offset is not None else head) for o in consumed)
+
+
+async def test_resuming_a_running_flow_keeps_what_the_stream_buffers_hold() -> None:
+    """faust resumes flow twice in a table recovery; messages buffered in between (of
+    the new generation) must survive the second resume. After a suspension (a
+    rebalance began) the buffers are cleared, as faust expects."""
+    flow = FlowControl()
+    queue: FlowControlQueue[int] = FlowControlQueue(flow_control=flow, clear_on_resume=True)
+    flow.resume()  # the first resume of a recovery
+    queue.put_nowait(1)
+    queue.put_nowait(2)
+    flow.resume()  # the second: the buffered messages stay
+    assert queue.qsize() == 2
+    flow.suspend()  # a rebalance begins
+    assert not flow.is_active()
+    flow.resume()
+    assert flow.is_active()
+    assert queue.qsize() == 0
+
+
+async def test_the_relay_app_uses_that_flow_control(tmp_path: Path) -> None:
+    from notice_relay.app import create_app
+    from notice_relay.config import Settings
+
+    app = create_app(Settings(data_dir=tmp_path))
+    assert isinstance(app.flow_control, FlowControl)
+    assert app.flow_control is app.flow_control

@@ -66,12 +66,14 @@ import faust
 import structlog
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TP, Message
+from mode.utils.objects import cached_property
+from mode.utils.queues import FlowControlEvent
 
 log = structlog.get_logger("notice_relay.offsets")
 
 RecordMap = Mapping[TP, list[Any]]  # what aiokafka's fetcher returns: records by partition
 
-__all__ = ["RelayApp", "SafeConsumer", "SafeTransport", "committable_offset"]
+__all__ = ["FlowControl", "RelayApp", "SafeConsumer", "SafeTransport", "committable_offset"]
 
 
 def committable_offset(acked: list[int], head: int | None) -> tuple[int | None, list[int]]:
@@ -112,8 +114,13 @@ class SafeConsumer(faust_aiokafka.Consumer):
     async def getmany(self, timeout: float) -> Any:  # noqa: ASYNC109 - faust's signature
         """faust's getmany, then a look at what of the batch it did not hand on."""
         handed: dict[TP, int] = {}
+        read_offset = self._read_offset
         async for tp, message in super().getmany(timeout):
             handed[tp] = message.offset
+            r_offset = read_offset.get(tp)
+            if r_offset is not None and message.offset < r_offset:
+                log.info("offsets.behind_read_offset", topic=tp.topic, partition=tp.partition,
+                         offset=message.offset, read_offset=r_offset)
             yield tp, message
         batch = self.__dict__.pop("_nr_batch", None)
         if batch is not None and batch[0]:
@@ -122,13 +129,29 @@ class SafeConsumer(faust_aiokafka.Consumer):
     async def _after_batch(self, records: RecordMap, active: set[TP], generation: int,
                            rebalances: int, *, handed: dict[TP, int]) -> None:
         app = self.app
-        settled = (generation == app.consumer_generation_id and not app.rebalancing
+        same_generation = generation == app.consumer_generation_id
+        settled = (same_generation and not app.rebalancing
                    and rebalances == app.rebalancing_count and self.flow_active)
+        recovering = self._recovering()
+        changelogs = app.tables.changelog_topics
         assignment = self.assignment()
         for tp, batch in records.items():
             last = handed.get(tp, -1)
             dropped = [r.offset for r in batch if r.offset > last]
             if not dropped or tp not in assignment:
+                continue
+            if tp.topic in changelogs:
+                # A changelog partition is fetched even while paused (faust pauses it
+                # in its own bookkeeping only) and what it fetches is dropped: harmless,
+                # except while a recovery reads it. The recovery sought it to where
+                # the table's copy ends and waits for the records up to the highwater:
+                # dropped, they never come, and the recovery, with every stream of
+                # the worker, waits until the next rebalance (finding 6).
+                if same_generation and tp in recovering:
+                    log.info("offsets.dropped", topic=tp.topic, partition=tp.partition,
+                             offset=dropped[0], count=len(dropped), recovering=True)
+                    self._changelog_rereads[tp] = (generation, dropped[0])
+                    self._reread_changelog(tp)
                 continue
             was_active = tp in active or tp in self._buffered_partitions
             log.info("offsets.dropped", topic=tp.topic, partition=tp.partition,
@@ -139,6 +162,43 @@ class SafeConsumer(faust_aiokafka.Consumer):
                 await self.seek(tp, dropped[0])
             # Otherwise a rebalance began, or the partition was paused for a table
             # recovery: both end with a seek to the committed offsets.
+
+    def _recovering(self) -> set[TP]:
+        """The changelog partitions a table recovery is reading now."""
+        recovery = self.app.tables.recovery  # type: ignore[attr-defined]  # not on TableManagerT
+        if not recovery.in_recovery:
+            return set()
+        return set(recovery.active_tps) | set(recovery.standby_tps)
+
+    @property
+    def _changelog_rereads(self) -> dict[TP, tuple[int, int]]:
+        """Changelog partitions to read again (generation, offset) once active."""
+        pending: dict[TP, tuple[int, int]] | None = self.__dict__.get("_nr_changelog_rereads")
+        if pending is None:
+            pending = self.__dict__["_nr_changelog_rereads"] = {}
+        return pending
+
+    def _reread_changelog(self, tp: TP) -> None:
+        """Seek ``tp`` back to its first dropped record if it is active now (if it is
+        paused, :meth:`resume_partitions` does it: a seek while paused would only be
+        fetched and dropped again)."""
+        generation, offset = self._changelog_rereads.get(tp, (None, 0))
+        if generation != self.app.consumer_generation_id or tp not in self._recovering():
+            self._changelog_rereads.pop(tp, None)
+            return
+        if tp not in self._get_active_partitions():
+            return
+        del self._changelog_rereads[tp]
+        task = asyncio.ensure_future(self.seek(tp, offset))
+        self._rereads.add(task)
+        task.add_done_callback(self._rereads.discard)
+
+    def resume_partitions(self, tps: Any) -> None:
+        """faust's resume, then the changelog re-reads that waited for it."""
+        tps = set(tps)
+        super().resume_partitions(tps)
+        for tp in tps & set(self._changelog_rereads):
+            self._reread_changelog(tp)
 
     async def perform_seek(self) -> None:
         """Seek every partition to its committed offset and remember each one's head."""
@@ -180,6 +240,11 @@ class SafeConsumer(faust_aiokafka.Consumer):
                 or not app.flow_control.is_active()):
             # Skipped during a rebalance, or finished after it: the partition is read
             # again from its committed offset, so this one must not be counted.
+            log.info("offsets.ack_not_counted", topic=message.topic,
+                     partition=message.partition, offset=message.offset,
+                     generation=message.generation_id,
+                     current_generation=app.consumer_generation_id,
+                     flow=app.flow_control.is_active())
             message.acked = True
             self._unacked_messages.discard(message)
             return False
@@ -235,7 +300,7 @@ class SafeConsumer(faust_aiokafka.Consumer):
         around rebalances): read the partition again from the head. What was already
         processed after it is processed again (at-least-once: delivery ids are stable)."""
         now = time.monotonic()
-        if self._holds(tp, head):
+        if self._holds(tp, head) or tp in self._paused_partitions:
             self._blocked.pop(tp, None)
             return
         since = self._blocked.get(tp)
@@ -272,11 +337,14 @@ class SafeConsumer(faust_aiokafka.Consumer):
         busy = {m.tp.topic for m in list(self._unacked_messages) if not m.acked}
         acks_enabled_for = self.app.topics.acks_enabled_for
         self._watch_paused(now)
+        self._watch_recovery(now)
+        paused = self._paused_partitions
         for tp in self.assignment():
             head = self._committed_offset.get(tp)
             highwater = self.highwater(tp)
             if (tp.topic in busy or not acks_enabled_for(tp.topic) or head is None
-                    or highwater is None or highwater <= head or self._acked.get(tp)):
+                    or highwater is None or highwater <= head or self._acked.get(tp)
+                    or tp in paused):  # paused: the end of the recovery seeks it
                 self._idle.pop(tp, None)
                 continue
             since = self._idle.get(tp)
@@ -289,6 +357,45 @@ class SafeConsumer(faust_aiokafka.Consumer):
                 task = asyncio.ensure_future(self._reread(tp, head))
                 self._rereads.add(task)
                 task.add_done_callback(self._rereads.discard)
+
+    @property
+    def _recovery_progress(self) -> dict[TP, tuple[int, float]]:
+        progress: dict[TP, tuple[int, float]] | None = self.__dict__.get("_nr_recovery")
+        if progress is None:
+            progress = self.__dict__["_nr_recovery"] = {}
+        return progress
+
+    def _watch_recovery(self, now: float) -> None:
+        """A table recovery that has not read a single record of a changelog partition
+        for ``reread_after`` seconds while records remain up to the highwater: what it
+        fetched was dropped on the way (finding 6). Resume the partition and read it
+        again from the record after the last one applied."""
+        recovery = self.app.tables.recovery  # type: ignore[attr-defined]  # not on TableManagerT
+        progress = self._recovery_progress
+        if not recovery.in_recovery:
+            progress.clear()
+            return
+        for tp in list(recovery.active_tps):
+            applied = recovery.active_offsets.get(tp)
+            highwater = recovery.active_highwaters.get(tp)
+            if applied is None or highwater is None or applied >= highwater:
+                progress.pop(tp, None)
+                continue
+            since = progress.get(tp)
+            if since is None or since[0] != applied:
+                progress[tp] = (applied, now)
+                continue
+            if now - since[1] < self.reread_after or tp not in self.assignment():
+                continue
+            del progress[tp]
+            log.warning("offsets.recovery_reread", topic=tp.topic, partition=tp.partition,
+                        offset=applied + 1, highwater=highwater,
+                        paused=tp in self._paused_partitions)
+            if tp in self._paused_partitions:
+                super().resume_partitions({tp})
+            task = asyncio.ensure_future(self.seek(tp, applied + 1))
+            self._rereads.add(task)
+            task.add_done_callback(self._rereads.discard)
 
     @property
     def _paused_since(self) -> dict[TP, float]:
@@ -343,8 +450,38 @@ class SafeTransport(faust_aiokafka.Transport):
     Consumer = SafeConsumer
 
 
+class FlowControl(FlowControlEvent):
+    """faust's flow control of the stream buffers, except that resuming a flow that
+    is already running keeps what the buffers hold.
+
+    ``mode``'s ``FlowControlEvent.resume`` clears every stream buffer each time it is
+    called, and faust calls it twice in a table recovery: when it starts reading the
+    changelogs and again when it is done, after the stream partitions were sought to
+    their committed offsets and resumed. Messages fetched in between, of the new
+    generation and from the committed offsets, were put in the buffers and then
+    silently thrown away by the second call: never processed, never acknowledged. The
+    partition's commits then stopped at the first of them until the re-read safeguard
+    fired (the 5-18 s take-overs of finding 6 in docs/reliability.md). Clearing is
+    needed only when flow was suspended (a rebalance began), and faust already clears
+    the buffers explicitly at that moment."""
+
+    def resume(self) -> None:
+        """Resume production into the queues; clear them only after a suspension."""
+        was_suspended = not self.is_active()
+        self._suspend.clear()
+        self._resume.set()
+        if was_suspended:
+            self.clear()
+
+
 class RelayApp(faust.App):
-    """A :class:`faust.App` whose consumer commits only what was processed."""
+    """A :class:`faust.App` whose consumer commits only what was processed, and whose
+    flow control keeps what a running flow fetched (:class:`FlowControl`)."""
+
+    @cached_property
+    def flow_control(self) -> FlowControlEvent:
+        """Flow control of the streams (see :class:`FlowControl`)."""
+        return FlowControl(loop=self.loop)
 
     def _new_transport(self) -> Any:
         return SafeTransport(self.conf.broker_consumer, self)
