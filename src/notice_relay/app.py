@@ -223,12 +223,15 @@ def _raw_topic(app: faust.App, name: str, partitions: int) -> Any:
 
 #: RocksDB options of each table partition's database. Faust's defaults (64 MiB
 #: write buffers, 2 GiB block cache) are sized for one big table on a dedicated
-#: host; here a worker holds up to two databases per partition of entries of about
-#: 100 bytes, looked up mostly for keys that are not there (the bloom filter answers).
-#: With these, a database costs at most ~4 MiB of memory, however many entries it holds.
+#: host; here a worker holds two databases per partition of entries of about 100
+#: bytes, looked up mostly for keys that are not there (the bloom filter answers).
+#: With these, a database's buffers and cache cost at most ~2.5 MiB of memory, reached
+#: after a few thousand declarations per partition, however many it holds; what grows
+#: with the entries is RocksDB's index and filter blocks, ~5 bytes per declaration
+#: (bench/tables.py).
 ROCKSDB_OPTIONS: dict[str, Any] = {
     "driver": "rocksdict",
-    "write_buffer_size": 1 << 20,
+    "write_buffer_size": 256 << 10,
     "max_write_buffer_number": 2,
     "target_file_size_base": 16 << 20,
     "block_cache_size": 2 << 20,
