@@ -227,7 +227,7 @@ def _raw_topic(app: faust.App, name: str, partitions: int) -> Any:
 #: bytes, looked up mostly for keys that are not there (the bloom filter answers).
 #: With these, a database's buffers and cache cost at most ~2.5 MiB of memory, reached
 #: after a few thousand declarations per partition, however many it holds; what grows
-#: with the entries is RocksDB's index and filter blocks, ~5 bytes per declaration
+#: with the entries is RocksDB's index and filter blocks, ~3 bytes per declaration
 #: (bench/tables.py).
 ROCKSDB_OPTIONS: dict[str, Any] = {
     "driver": "rocksdict",

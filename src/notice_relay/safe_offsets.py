@@ -114,13 +114,8 @@ class SafeConsumer(faust_aiokafka.Consumer):
     async def getmany(self, timeout: float) -> Any:  # noqa: ASYNC109 - faust's signature
         """faust's getmany, then a look at what of the batch it did not hand on."""
         handed: dict[TP, int] = {}
-        read_offset = self._read_offset
         async for tp, message in super().getmany(timeout):
             handed[tp] = message.offset
-            r_offset = read_offset.get(tp)
-            if r_offset is not None and message.offset < r_offset:
-                log.info("offsets.behind_read_offset", topic=tp.topic, partition=tp.partition,
-                         offset=message.offset, read_offset=r_offset)
             yield tp, message
         batch = self.__dict__.pop("_nr_batch", None)
         if batch is not None and batch[0]:
@@ -173,10 +168,7 @@ class SafeConsumer(faust_aiokafka.Consumer):
     @property
     def _changelog_rereads(self) -> dict[TP, tuple[int, int]]:
         """Changelog partitions to read again (generation, offset) once active."""
-        pending: dict[TP, tuple[int, int]] | None = self.__dict__.get("_nr_changelog_rereads")
-        if pending is None:
-            pending = self.__dict__["_nr_changelog_rereads"] = {}
-        return pending
+        return self._state("_nr_changelog_rereads", dict)  # type: ignore[no-any-return]
 
     def _reread_changelog(self, tp: TP) -> None:
         """Seek ``tp`` back to its first dropped record if it is active now (if it is
@@ -189,9 +181,7 @@ class SafeConsumer(faust_aiokafka.Consumer):
         if tp not in self._get_active_partitions():
             return
         del self._changelog_rereads[tp]
-        task = asyncio.ensure_future(self.seek(tp, offset))
-        self._rereads.add(task)
-        task.add_done_callback(self._rereads.discard)
+        self._spawn(self.seek(tp, offset))
 
     def resume_partitions(self, tps: Any) -> None:
         """faust's resume, then the changelog re-reads that waited for it."""
@@ -240,11 +230,6 @@ class SafeConsumer(faust_aiokafka.Consumer):
                 or not app.flow_control.is_active()):
             # Skipped during a rebalance, or finished after it: the partition is read
             # again from its committed offset, so this one must not be counted.
-            log.info("offsets.ack_not_counted", topic=message.topic,
-                     partition=message.partition, offset=message.offset,
-                     generation=message.generation_id,
-                     current_generation=app.consumer_generation_id,
-                     flow=app.flow_control.is_active())
             message.acked = True
             self._unacked_messages.discard(message)
             return False
@@ -283,10 +268,7 @@ class SafeConsumer(faust_aiokafka.Consumer):
 
     @property
     def _blocked(self) -> dict[TP, tuple[int, float]]:
-        blocked: dict[TP, tuple[int, float]] | None = self.__dict__.get("_nr_blocked")
-        if blocked is None:
-            blocked = self.__dict__["_nr_blocked"] = {}
-        return blocked
+        return self._state("_nr_blocked", dict)  # type: ignore[no-any-return]
 
     def _holds(self, tp: TP, offset: int) -> bool:
         """Whether a stream is still working on the message at ``tp``/``offset``."""
@@ -312,9 +294,7 @@ class SafeConsumer(faust_aiokafka.Consumer):
         self._blocked.pop(tp, None)
         log.warning("offsets.reread", topic=tp.topic, partition=tp.partition, offset=head,
                     paused=tp in self._paused_partitions)
-        task = asyncio.ensure_future(self._reread(tp, head))
-        self._rereads.add(task)
-        task.add_done_callback(self._rereads.discard)
+        self._spawn(self._reread(tp, head))
 
     async def commit(self, *args: Any, **kwargs: Any) -> bool:
         """faust's commit (run every commit interval), after looking for idle partitions."""
@@ -323,10 +303,7 @@ class SafeConsumer(faust_aiokafka.Consumer):
 
     @property
     def _idle(self) -> dict[TP, tuple[int, float]]:
-        idle: dict[TP, tuple[int, float]] | None = self.__dict__.get("_nr_idle")
-        if idle is None:
-            idle = self.__dict__["_nr_idle"] = {}
-        return idle
+        return self._state("_nr_idle", dict)  # type: ignore[no-any-return]
 
     def _watch_idle(self) -> None:
         """A partition with messages past its head, none of them processed, while no
@@ -354,16 +331,11 @@ class SafeConsumer(faust_aiokafka.Consumer):
                 self._idle.pop(tp, None)
                 log.warning("offsets.reread", topic=tp.topic, partition=tp.partition,
                             offset=head, idle=True, paused=tp in self._paused_partitions)
-                task = asyncio.ensure_future(self._reread(tp, head))
-                self._rereads.add(task)
-                task.add_done_callback(self._rereads.discard)
+                self._spawn(self._reread(tp, head))
 
     @property
     def _recovery_progress(self) -> dict[TP, tuple[int, float]]:
-        progress: dict[TP, tuple[int, float]] | None = self.__dict__.get("_nr_recovery")
-        if progress is None:
-            progress = self.__dict__["_nr_recovery"] = {}
-        return progress
+        return self._state("_nr_recovery", dict)  # type: ignore[no-any-return]
 
     def _watch_recovery(self, now: float) -> None:
         """A table recovery that has not read a single record of a changelog partition
@@ -393,16 +365,11 @@ class SafeConsumer(faust_aiokafka.Consumer):
                         paused=tp in self._paused_partitions)
             if tp in self._paused_partitions:
                 super().resume_partitions({tp})
-            task = asyncio.ensure_future(self.seek(tp, applied + 1))
-            self._rereads.add(task)
-            task.add_done_callback(self._rereads.discard)
+            self._spawn(self.seek(tp, applied + 1))
 
     @property
     def _paused_since(self) -> dict[TP, float]:
-        since: dict[TP, float] | None = self.__dict__.get("_nr_paused_since")
-        if since is None:
-            since = self.__dict__["_nr_paused_since"] = {}
-        return since
+        return self._state("_nr_paused_since", dict)  # type: ignore[no-any-return]
 
     def _watch_paused(self, now: float) -> None:
         """A stream partition still paused ``reread_after`` seconds after the recovery
@@ -426,16 +393,25 @@ class SafeConsumer(faust_aiokafka.Consumer):
             log.warning("offsets.resume", topic=tp.topic, partition=tp.partition, offset=head)
             self.resume_partitions({tp})
             if head is not None:
-                task = asyncio.ensure_future(self._reread(tp, head))
-                self._rereads.add(task)
-                task.add_done_callback(self._rereads.discard)
+                self._spawn(self._reread(tp, head))
 
     @property
     def _rereads(self) -> set[asyncio.Future[None]]:
-        tasks: set[asyncio.Future[None]] | None = self.__dict__.get("_nr_rereads")
-        if tasks is None:
-            tasks = self.__dict__["_nr_rereads"] = set()
-        return tasks
+        return self._state("_nr_rereads", set)  # type: ignore[no-any-return]
+
+    def _state(self, key: str, factory: Any) -> Any:
+        """A piece of this class's own state, created on first use (faust builds the
+        consumer through its own ``__init__``, which this class leaves alone)."""
+        value = self.__dict__.get(key)
+        if value is None:
+            value = self.__dict__[key] = factory()
+        return value
+
+    def _spawn(self, coro: Any) -> None:
+        """Run a seek in the background, kept referenced until it is done."""
+        task = asyncio.ensure_future(coro)
+        self._rereads.add(task)
+        task.add_done_callback(self._rereads.discard)
 
     async def _reread(self, tp: TP, head: int) -> None:
         if tp not in self.assignment():
