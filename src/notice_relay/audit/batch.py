@@ -3,11 +3,11 @@
 The per-event rules are those of :mod:`notice_relay.audit.projection`
 (:func:`~notice_relay.audit.projection.next_state` decides every move). What this
 module changes is the number of statements: a batch of events costs a few statements
-per 500 deliveries instead of two per event, which is what kept the store behind the
+per 512 deliveries instead of two per event, which is what kept the store behind the
 deliveries under load.
 
 - Delivery rows: the current rows of every delivery the batch touches are read in one
-  query per 500; each delivery's events are folded over its row in Python; the results
+  query per 512; each delivery's events are folded over its row in Python; the results
   are written with one INSERT and one UPDATE (each executemany). A delivery with no row
   yet is folded from its whole stored history (events of a delivery can be stored
   before the ``delivery.planned`` that creates its row when two workers share the
@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 
+from notice_relay.audit.chunks import in_lists
 from notice_relay.audit.projection import (
     _CHANNEL_EVENTS,
     _DECLARATION_STATUS,
@@ -42,7 +43,6 @@ if TYPE_CHECKING:
 
     from notice_relay.audit.store import AuditStore
 
-_CHUNK = 500
 _CREATES = (AuditType.DELIVERY_PLANNED, AuditType.DELIVERY_SKIPPED)
 
 #: The columns a fold may change on an existing row.
@@ -132,11 +132,6 @@ def _ev(e: AuditEvent) -> Ev:
               e.delivery_id)
 
 
-def _chunks(items: Sequence[str]) -> Iterable[Sequence[str]]:
-    for i in range(0, len(items), _CHUNK):
-        yield items[i:i + _CHUNK]
-
-
 def _channel_events(batch: Sequence[AuditEvent]) -> list[AuditEvent]:
     """The channel-health events worth applying: of a run of deliveries delivered on one
     channel (no other health event of that channel in between) only the last."""
@@ -175,7 +170,7 @@ async def apply_batch(conn: AsyncConnection, store: AuditStore,
         return
     ids = list(by_delivery)
     current: dict[str, dict[str, Any]] = {}
-    for chunk in _chunks(ids):
+    for chunk in in_lists(ids):
         rows = await conn.execute(sa.select(deliveries).where(deliveries.c.delivery_id.in_(chunk)))
         current.update({r.delivery_id: dict(r._mapping) for r in rows})
 
@@ -183,7 +178,7 @@ async def apply_batch(conn: AsyncConnection, store: AuditStore,
     missing = [i for i in ids if i not in current]
     history: dict[str, list[Ev]] = {}
     types = [t.value for t in _EVENT_STATE]
-    for chunk in _chunks(missing):
+    for chunk in in_lists(missing):
         rows = await conn.execute(
             sa.select(events.c.delivery_id, events.c.type, events.c.occurred_at, events.c.data,
                       events.c.declaration_key, events.c.developer_id)

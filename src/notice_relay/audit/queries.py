@@ -32,6 +32,7 @@ from typing import Any, cast
 
 import sqlalchemy as sa
 
+from notice_relay.audit.chunks import in_lists
 from notice_relay.audit.store import (
     AuditStore,
     DeclarationRow,
@@ -259,8 +260,7 @@ async def notices_for(store: AuditStore, declaration_keys: Iterable[str]) -> dic
     keys = list(dict.fromkeys(declaration_keys))
     out: dict[str, str | None] = {}
     async with store.engine.connect() as conn:
-        for i in range(0, len(keys), 500):
-            chunk = keys[i : i + 500]
+        for chunk in in_lists(keys):
             q = sa.select(declarations.c.declaration_key, declarations.c.notice).where(
                 declarations.c.declaration_key.in_(chunk))
             out.update({r.declaration_key: r.notice for r in await conn.execute(q)})

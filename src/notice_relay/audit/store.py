@@ -13,7 +13,7 @@ removed last row detectable too.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -26,6 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 
 from notice_relay.audit.batch import apply_batch
 from notice_relay.audit.chain import GENESIS, event_hash
+from notice_relay.audit.chunks import in_lists
 from notice_relay.errors import StoreError
 from notice_relay.models import AuditEvent
 
@@ -345,7 +346,7 @@ class AuditStore:
         batch = [_in_utc(e) for e in batch]
         ids = list(dict.fromkeys(e.event_id for e in batch))
         known: set[str] = set()
-        for chunk in _chunks(ids, 500):
+        for chunk in in_lists(ids):
             rows = await conn.execute(
                 sa.select(events.c.event_id).where(events.c.event_id.in_(chunk)))
             known.update(r[0] for r in rows)
@@ -358,7 +359,7 @@ class AuditStore:
             return 0
         keys = list(dict.fromkeys(e.declaration_key for e in fresh))
         heads: dict[str, tuple[int, str]] = {}
-        for chunk in _chunks(keys, 500):
+        for chunk in in_lists(keys):
             rows = await conn.execute(
                 sa.select(chain_heads.c.declaration_key, chain_heads.c.seq, chain_heads.c.hash)
                 .where(chain_heads.c.declaration_key.in_(chunk))
@@ -588,6 +589,3 @@ def _delivery_row(r: Any) -> DeliveryRow:
     return DeliveryRow(**m)
 
 
-def _chunks(items: list[str], size: int) -> Iterable[list[str]]:
-    for i in range(0, len(items), size):
-        yield items[i : i + size]
