@@ -72,7 +72,8 @@ async def test_batches_of_every_size_prepare_few_statements(store: AuditStore) -
             s.count("?"), len(re.findall(r"\$\d+|%\(", s))))
     # One shape per query, each with at most the eight lengths 1, 2, 4, ... 128
     # (batches of 1 to 69 declarations, two events each) instead of one per batch size.
-    assert lengths and all(len(v) <= 8 for v in lengths.values()), lengths
+    assert lengths
+    assert all(len(v) <= 8 for v in lengths.values()), lengths
     assert len(statements) <= 8 * len(lengths)
     assert len(await store.all_deliveries()) == n
     assert await store.verify() == []

@@ -16,10 +16,12 @@ from typing import Any
 import pytest
 from builders import make_notice, make_task
 
+from notice_relay.channels import email_render
 from notice_relay.channels.email_render import (
     ATTACHMENT_NAME,
     DELIVERY_IDS_HEADER,
     NOTICE_BATCH_SCHEMA_V1,
+    POLICY,
     NoticeBatch,
     build_message,
     estimated_size,
@@ -198,6 +200,34 @@ def test_headers_are_exactly_the_ones_we_set() -> None:
     assert msg["Auto-Submitted"] == "auto-generated"
     assert msg["Message-ID"] == message_id([t.delivery_id for t in tasks], "relay.example.invalid")
     assert msg[DELIVERY_IDS_HEADER] == ", ".join(t.delivery_id for t in tasks)
+
+
+def test_header_classes_are_built_once_per_name_and_change_nothing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The digest policy builds one class per header name (the standard registry
+    builds one per header), and the message it gives is byte for byte the same."""
+    tasks = [_task(), _task()]
+
+    def build() -> EmailMessage:
+        return build_message(tasks, developer_name="Acme AI", sender=SENDER, recipients=TO,
+                             date=DATE, domain="relay.example.invalid")
+
+    def blank_boundaries(data: bytes) -> bytes:
+        return re.sub(rb"={15}\d+==", b"BOUNDARY", data)
+
+    first, second = build(), build()
+    assert first.keys() == second.keys()
+    for name in first:
+        assert type(first[name]) is type(second[name])
+    ours = blank_boundaries(first.as_bytes(policy=POLICY))
+
+    monkeypatch.setattr(email_render, "POLICY", email.policy.SMTP)
+    stock_a, stock_b = build(), build()
+    assert type(stock_a["Subject"]) is not type(stock_b["Subject"])
+    stock = blank_boundaries(stock_a.as_bytes(policy=email.policy.SMTP))
+    assert b"BOUNDARY" in ours
+    assert ours == stock
 
 
 @pytest.mark.parametrize("where", ["display_name", "alias", "title", "note", "profile"])

@@ -43,7 +43,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from email.headerregistry import Address
-from email.policy import SMTP as SMTP_POLICY
 from enum import StrEnum
 from pathlib import Path
 from types import TracebackType
@@ -55,6 +54,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from notice_relay.channels.base import outcome_from_error, sanitize_text
 from notice_relay.channels.email_render import (
+    POLICY,
     build_message,
     is_safe_delivery_id,
     split_digest,
@@ -510,7 +510,7 @@ class EmailChannel:
                     tasks, developer_name=self.developer_name, sender=self._sender,
                     recipients=self.config.to, date=attempted_at, domain=self._domain,
                 )
-                data = message.as_bytes(policy=SMTP_POLICY)
+                data = message.as_bytes(policy=POLICY)
             except (ValueError, TypeError) as exc:  # the same input fails every time
                 raise PermanentChannelError(f"cannot build the message: {exc}") from None
             smtp = await connection.ready()
