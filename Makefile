@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: setup demo test check bench bench-tables faults soak kafka-start kafka-stop pg-start pg-stop clean
+.PHONY: setup demo test check bench bench-tables bench-digests faults soak kafka-start kafka-stop pg-start pg-stop clean
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11+ is required"'
@@ -54,6 +54,9 @@ bench: setup
 
 bench-tables: setup
 	$(BIN)/python bench/tables.py
+
+bench-digests: setup
+	$(BIN)/python bench/digests.py
 
 clean:
 	rm -rf var .pytest_cache .mypy_cache .ruff_cache
