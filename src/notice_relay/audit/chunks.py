@@ -4,8 +4,8 @@ A query ``... WHERE key IN (?, ?, ...)`` is a different statement for every leng
 its list, and both drivers keep the statements they prepared: Python's ``sqlite3``
 the last 128 per connection, asyncpg the last 100. Batches of every size from 1 to
 500 keys therefore filled those caches with hundreds of large statements, each
-holding the values last bound to it (the worker's memory rose with them for the
-first half hour of a soak), and hardly any was prepared twice.
+holding the values last bound to it, and hardly any was prepared twice (finding 7 of
+docs/reliability.md: most of the native memory a worker held on to).
 
 :func:`in_lists` cuts the keys into lists of at most :data:`MAX_IN` and pads each to
 the next power of two by repeating its last key (a key listed twice in ``IN`` matches

@@ -587,5 +587,3 @@ def _delivery_row(r: Any) -> DeliveryRow:
     for k in ("next_attempt_at", "planned_at", "delivered_at", "updated_at"):
         m[k] = _aware(m[k])
     return DeliveryRow(**m)
-
-

@@ -57,6 +57,7 @@ __all__ = [
     "subject",
 ]
 
+
 class _HeaderClasses(HeaderRegistry):
     """The standard header registry, building each header class once.
 
@@ -83,7 +84,7 @@ class _HeaderClasses(HeaderRegistry):
         return cls
 
 
-POLICY: Final[EmailPolicy] = SMTP.clone(header_factory=_HeaderClasses())
+POLICY: Final[EmailPolicy[EmailMessage]] = SMTP.clone(header_factory=_HeaderClasses())
 """``email.policy.SMTP`` (CRLF line ends, CR/LF refused in header values) with header
 classes built once per name: the policy of every digest."""
 
