@@ -47,6 +47,8 @@ class Sample:
 
     t: float
     rss_mb: float
+    rss_anon_mb: float
+    rss_file_mb: float
     fds: int
     lag: dict[str, int]
     published: int
@@ -55,7 +57,9 @@ class Sample:
 
     def row(self) -> dict[str, Any]:
         """The sample as a CSV row."""
-        return {"t_s": round(self.t, 1), "rss_mb": round(self.rss_mb, 2), "fds": self.fds,
+        return {"t_s": round(self.t, 1), "rss_mb": round(self.rss_mb, 2),
+                "rss_anon_mb": round(self.rss_anon_mb, 2),
+                "rss_file_mb": round(self.rss_file_mb, 2), "fds": self.fds,
                 "lag_total": sum(self.lag.values()),
                 **{f"lag_{s}": self.lag.get(s, 0) for s in STAGES},
                 "published": self.published, "delivered": self.delivered,
@@ -111,6 +115,19 @@ class LagProbe:
         return out
 
 
+def rss_split(pid: int) -> tuple[float, float]:
+    """The process's resident memory in MiB: anonymous (heaps, malloc arenas, Python's
+    objects) and file-backed (code and mapped files, which the kernel may page out);
+    both from ``/proc/<pid>/status``."""
+    kib = {}
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            if line.startswith(("RssAnon:", "RssFile:")):
+                name, value = line.split(":", 1)
+                kib[name] = int(value.split()[0])
+    return kib.get("RssAnon", 0) / 1024, kib.get("RssFile", 0) / 1024
+
+
 def slope(xs: list[float], ys: list[float]) -> float:
     """Least-squares slope of ys over xs (0 with fewer than 2 points)."""
     import numpy as np
@@ -118,6 +135,15 @@ def slope(xs: list[float], ys: list[float]) -> float:
     if len(xs) < 2:
         return 0.0
     return float(np.polyfit(np.array(xs), np.array(ys), 1)[0])
+
+
+def quarters(samples: list[Sample]) -> list[list[Sample]]:
+    """``samples`` cut into four runs of equal length (in time)."""
+    if not samples:
+        return []
+    t0, t1 = samples[0].t, samples[-1].t
+    width = (t1 - t0) / 4 or 1.0
+    return [[s for s in samples if min(3, int((s.t - t0) / width)) == q] for q in range(4)]
 
 
 def plot(samples: list[Sample], warmup: float, path: Path, title: str) -> None:
@@ -129,7 +155,9 @@ def plot(samples: list[Sample], warmup: float, path: Path, title: str) -> None:
 
     t = [s.t / 60 for s in samples]
     fig, axes = plt.subplots(4, 1, figsize=(9, 11), sharex=True)
-    axes[0].plot(t, [s.rss_mb for s in samples], color="tab:blue")
+    axes[0].plot(t, [s.rss_mb for s in samples], color="tab:blue", label="RSS")
+    axes[0].plot(t, [s.rss_anon_mb for s in samples], color="tab:purple", label="anonymous")
+    axes[0].legend(fontsize="small")
     axes[0].set_ylabel("worker RSS (MiB)")
     axes[1].plot(t, [s.fds for s in samples], color="tab:green")
     axes[1].set_ylabel("open fds")
@@ -192,14 +220,17 @@ async def main_async(args: argparse.Namespace) -> int:
                         faultlib.log(f"  lag not read: {exc!r}")
                         lag = {}
                     tally = developers.tally(load.published)
+                    anon, file_backed = rss_split(pid)
                     s = Sample(
                         t=elapsed, rss_mb=proc.memory_info().rss / 2**20,
+                        rss_anon_mb=anon, rss_file_mb=file_backed,
                         fds=len(os.listdir(f"/proc/{pid}/fd")), lag=lag,
                         published=len(load.published), delivered=tally.delivered,
                         cpu_percent=proc.cpu_percent(None))
                     samples.append(s)
                     if elapsed >= next_log:
-                        faultlib.log(f"  {elapsed / 60:5.1f} min  rss {s.rss_mb:6.1f} MiB  "
+                        faultlib.log(f"  {elapsed / 60:5.1f} min  rss {s.rss_mb:6.1f} MiB "
+                                     f"(anon {s.rss_anon_mb:6.1f})  "
                                      f"fds {s.fds:3d}  lag {sum(lag.values()):5d}  "
                                      f"published {s.published}  delivered {s.delivered}  "
                                      f"cpu {s.cpu_percent:.0f}%")
@@ -235,6 +266,8 @@ async def main_async(args: argparse.Namespace) -> int:
     mins = [s.t / 60 for s in steady]
     trends = {
         "rss_mb_per_hour": round(60 * slope(mins, [s.rss_mb for s in steady]), 2),
+        "rss_anon_mb_per_hour": round(60 * slope(mins, [s.rss_anon_mb for s in steady]), 2),
+        "rss_file_mb_per_hour": round(60 * slope(mins, [s.rss_file_mb for s in steady]), 2),
         "fds_per_hour": round(60 * slope(mins, [float(s.fds) for s in steady]), 2),
         "lag_per_minute": round(slope(mins, [float(sum(s.lag.values())) for s in steady]), 3),
         "lag_excluding_retry_tiers_per_minute": round(slope(mins, [
@@ -257,6 +290,13 @@ async def main_async(args: argparse.Namespace) -> int:
         "chains_verify": bool(fig and fig.verified), "cli_verify_exit": code,
         "trends_after_warmup": trends,
         "rss_mb": span([s.rss_mb for s in steady]),
+        # a ceiling shows as slopes falling to ~0 from one part to the next; a leak as
+        # the same slope in every part
+        "rss_mb_per_hour_by_quarter": [
+            round(60 * slope([s.t / 60 for s in part], [s.rss_mb for s in part]), 2)
+            for part in quarters(steady)],
+        "rss_anon_mb": span([s.rss_anon_mb for s in steady]),
+        "rss_file_mb": span([s.rss_file_mb for s in steady]),
         "fds": span([float(s.fds) for s in steady]),
         "lag_total": span([float(sum(s.lag.values())) for s in steady]),
         "lag_max_per_stage": {st: max((s.lag.get(st, 0) for s in steady), default=0)
