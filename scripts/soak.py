@@ -269,6 +269,8 @@ async def main_async(args: argparse.Namespace) -> int:
         "rss_anon_mb_per_hour": round(60 * slope(mins, [s.rss_anon_mb for s in steady]), 2),
         "rss_file_mb_per_hour": round(60 * slope(mins, [s.rss_file_mb for s in steady]), 2),
         "fds_per_hour": round(60 * slope(mins, [float(s.fds) for s in steady]), 2),
+        # work per declaration that grows with what the store holds shows up here
+        "cpu_percent_per_hour": round(60 * slope(mins, [s.cpu_percent for s in steady]), 2),
         "lag_per_minute": round(slope(mins, [float(sum(s.lag.values())) for s in steady]), 3),
         "lag_excluding_retry_tiers_per_minute": round(slope(mins, [
             float(sum(v for k, v in s.lag.items() if k != "retries")) for s in steady]), 3),

@@ -76,6 +76,7 @@ from notice_relay.stages import (
 )
 from notice_relay.topics import Topics, tier_for
 from notice_relay.validate import parse_declaration
+from notice_relay.withdrawals import Withdrawals
 
 log = structlog.get_logger("notice_relay.worker")
 
@@ -285,6 +286,7 @@ def create_app(settings: Settings, runtime: Runtime | None = None, *,
     retry_topics = {seconds: _raw_topic(app, name, parts) for seconds, name in topics.retry_tiers}
     states = ChannelStates(rt.store)
     rt.states = states
+    withdrawals = Withdrawals(rt.store)
 
     async def schedule(task: DeliveryTask, due: datetime) -> Any:
         """Put a task in the retry tier for its remaining wait (durable, in Kafka)."""
@@ -371,7 +373,7 @@ def create_app(settings: Settings, runtime: Runtime | None = None, *,
         that delivery is still under way, the withdrawal waits for it.
         """
         n = task.notice
-        if n.action is Action.OPT_OUT and task.declaration_key in states.withdrawn:
+        if n.action is Action.OPT_OUT and await withdrawals.withdrawn(task.declaration_key):
             return audit_event(
                 AuditType.DELIVERY_SUPERSEDED, task.declaration_key, delivery_id=task.delivery_id,
                 developer_id=task.developer_id,

@@ -32,8 +32,6 @@ class ChannelStates:
         self._store = store
         self.poll_interval = poll_interval
         self.states: dict[str, ChannelHealth] = {}
-        #: Keys of withdrawn declarations: their deliveries not yet made are superseded.
-        self.withdrawn: set[str] = set()
         self.ready = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -48,10 +46,7 @@ class ChannelStates:
 
     async def refresh(self) -> None:
         """Read the store's channel table."""
-        from notice_relay.audit.worker_queries import withdrawn_declarations
-
         store = await self._store()
-        self.withdrawn = await withdrawn_declarations(store)
         rows = await store.channel_health()
         fresh = {}
         for r in rows:

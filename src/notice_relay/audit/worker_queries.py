@@ -1,5 +1,5 @@
-"""The few store reads the worker makes: withdrawn declarations, one delivery's
-state, and deliveries whose acknowledgement is overdue.
+"""The few store reads the worker makes: whether a declaration was withdrawn, one
+delivery's state, and deliveries whose acknowledgement is overdue.
 
 The reads of the worker's timers (:func:`delivered_before`, :func:`stalled`,
 :func:`unfanned`) find nothing while the store cannot be reached, and log it: they are
@@ -41,11 +41,12 @@ async def _or_nothing(read: Awaitable[list[T]], what: str) -> list[T]:
         return []
 
 
-async def withdrawn_declarations(store: AuditStore) -> set[str]:
-    """Keys of declarations withdrawn by a later declaration."""
-    q = sa.select(declarations.c.declaration_key).where(declarations.c.status == "withdrawn")
+async def is_withdrawn(store: AuditStore, declaration_key: str) -> bool:
+    """Whether a later declaration withdrew this one (a primary-key read)."""
+    q = sa.select(declarations.c.status).where(declarations.c.declaration_key == declaration_key)
     async with store.engine.connect() as conn:
-        return {r[0] for r in await conn.execute(q)}
+        row = (await conn.execute(q)).first()
+    return row is not None and row[0] == "withdrawn"
 
 
 async def delivery(store: AuditStore, delivery_id: str) -> DeliveryRow | None:
