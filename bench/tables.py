@@ -7,9 +7,13 @@ serialized keys and values the worker writes, spread over the same 4 partitions)
 ``--declarations`` declarations, each with an artist of its own, into
 
 - ``memory``: faust's memory store (a dict of serialized keys and values per table);
-- ``rocksdb``: faust's RocksDB store as the worker opens it (``RocksDBOptions`` built
-  from ``notice_relay.app.ROCKSDB_OPTIONS``, one database per table and partition),
-  reading each key before writing it, as the duplicate check does;
+- ``rocksdb``: RocksDB as the worker opens it (``tablestore.BudgetedOptions`` built
+  from ``notice_relay.app.ROCKSDB_OPTIONS`` and the default memory budget, one database
+  per table and partition, one cache for all), reading each key before writing it, as
+  the duplicate check does;
+- ``rocksdb-per-db``: the same with faust's own ``RocksDBOptions`` (a 2 MiB block
+  cache per database, index and filter blocks outside it: the worker's options before
+  the budget);
 
 each in a process of its own, sampling the process's RSS every ``--every`` entries.
 Prints the RSS growth per million declarations (least-squares slope over the second
@@ -34,6 +38,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 PARTITIONS = 4
+STORES = ("memory", "rocksdb", "rocksdb-per-db")
 
 
 def _rss_mib() -> float:
@@ -64,13 +69,16 @@ def child(store: str, n: int, every: int, work: Path) -> dict[str, Any]:
             if i % every == 0:
                 samples.append((i, _rss_mib()))
         disk = 0
+        rocks: dict[str, int] = {}
     else:
         from faust.stores.rocksdb import RocksDBOptions
 
         from notice_relay.app import ROCKSDB_OPTIONS
+        from notice_relay.tablestore import BudgetedOptions
 
         options = {k: v for k, v in ROCKSDB_OPTIONS.items() if k != "driver"}
-        opts = RocksDBOptions(**options, use_rocksdict=True)
+        opts = (BudgetedOptions(**options) if store == "rocksdb" else
+                RocksDBOptions(**options, block_cache_size=2 << 20, use_rocksdict=True))
         dbs = {(t, p): opts.open(work / f"{t}-{p}.db")
                for t in ("seen", "versions") for p in range(PARTITIONS)}
         samples[0] = (0, _rss_mib())
@@ -84,11 +92,25 @@ def child(store: str, n: int, every: int, work: Path) -> dict[str, Any]:
                 samples.append((i, _rss_mib()))
         for db in dbs.values():
             db.flush()
+        # RocksDB's own account, summed over the databases (a shared cache is
+        # counted once).
+        def total(prop: str) -> int:
+            return sum(db.property_int_value(prop) or 0 for db in dbs.values())
+        caches = ({"": next(iter(dbs.values()))} if store == "rocksdb" else dbs)
+        rocks = {
+            "table_readers_bytes": total("rocksdb.estimate-table-readers-mem"),
+            "memtables_bytes": total("rocksdb.size-all-mem-tables"),
+            "block_cache_bytes": sum(db.property_int_value("rocksdb.block-cache-usage") or 0
+                                     for db in caches.values()),
+            "block_cache_capacity_bytes": sum(
+                db.property_int_value("rocksdb.block-cache-capacity") or 0
+                for db in caches.values()),
+        }
         disk = sum(f.stat().st_size for f in work.rglob("*") if f.is_file())
         for db in dbs.values():
             db.close()
     return {"store": store, "samples": samples, "seconds": time.perf_counter() - t0,
-            "disk_bytes": disk}
+            "disk_bytes": disk, "rocksdb": rocks}
 
 
 def slope(points: list[tuple[int, float]]) -> float:
@@ -105,14 +127,16 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--declarations", type=int, default=1_000_000)
     p.add_argument("--every", type=int, default=50_000)
-    p.add_argument("--child", choices=("memory", "rocksdb"), help=argparse.SUPPRESS)
+    p.add_argument("--child", choices=STORES, help=argparse.SUPPRESS)
+    p.add_argument("--stores", default=",".join(STORES),
+                   help="which stores to measure, comma-separated")
     p.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         print(json.dumps(child(args.child, args.declarations, args.every, args.work)))
         return 0
     results: dict[str, Any] = {}
-    for store in ("memory", "rocksdb"):
+    for store in args.stores.split(","):
         work = Path(tempfile.mkdtemp(prefix=f"tables-{store}-"))
         try:
             out = subprocess.run(
@@ -136,11 +160,15 @@ def main() -> int:
               f"{r['mib_per_million_second_half']:+.1f} MiB per million "
               f"({r['bytes_per_declaration_second_half']:+.1f} B/declaration); "
               f"on disk {r['disk_bytes'] / 2**20:.1f} MiB")
-    m, rk = results["memory"], results["rocksdb"]
-    growth_m = m["rss_end_mib"] - m["rss_start_mib"]
-    growth_r = rk["rss_end_mib"] - rk["rss_start_mib"]
-    print(f"RSS growth over the run: memory {growth_m:+.1f} MiB, rocksdb {growth_r:+.1f} MiB "
-          f"(ratio {growth_r / growth_m:.3f})" if growth_m else "")
+        if r["rocksdb"]:
+            print("         RocksDB's account (MiB): " + ", ".join(
+                f"{k.removesuffix('_bytes').replace('_', ' ')} {v / 2**20:.2f}"
+                for k, v in r["rocksdb"].items()))
+    growth = {k: r["rss_end_mib"] - r["rss_start_mib"] for k, r in results.items()}
+    base = growth.get("memory")
+    if base:
+        print("RSS growth over the run, as a share of the memory store's: " + ", ".join(
+            f"{k} {g:+.1f} MiB ({g / base:.3f})" for k, g in growth.items()))
     dest = ROOT / "bench" / "results" / "tables.json"
     dest.parent.mkdir(parents=True, exist_ok=True)
     dest.write_text(json.dumps({

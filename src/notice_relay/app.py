@@ -33,7 +33,7 @@ import faust
 import structlog
 from pydantic import ValidationError
 
-from notice_relay import workdir
+from notice_relay import tablestore, workdir
 from notice_relay.acks import AckRecord, ack_url, load_ack_secret, make_token
 from notice_relay.audit import worker_queries
 from notice_relay.audit.events import audit_event, decode_audit, encode_audit
@@ -226,16 +226,14 @@ def _raw_topic(app: faust.App, name: str, partitions: int) -> Any:
 #: write buffers, 2 GiB block cache) are sized for one big table on a dedicated
 #: host; here a worker holds two databases per partition of entries of about 100
 #: bytes, looked up mostly for keys that are not there (the bloom filter answers).
-#: With these, a database's buffers and cache cost at most ~2.5 MiB of memory, reached
-#: after a few thousand declarations per partition, however many it holds; what grows
-#: with the entries is RocksDB's index and filter blocks, ~3 bytes per declaration
-#: (bench/tables.py).
+#: All of them share one memory budget (``memory``, set from
+#: ``Settings.table_memory_mib``; :mod:`notice_relay.tablestore`) that holds their
+#: blocks, index and filter blocks included, and their write buffers.
 ROCKSDB_OPTIONS: dict[str, Any] = {
     "driver": "rocksdict",
     "write_buffer_size": 256 << 10,
     "max_write_buffer_number": 2,
     "target_file_size_base": 16 << 20,
-    "block_cache_size": 2 << 20,
     "max_open_files": 64,
 }
 
@@ -247,10 +245,12 @@ def create_app(settings: Settings, runtime: Runtime | None = None, *,
     see :mod:`notice_relay.workdir`)."""
     rt = runtime or Runtime.load(settings)
     rocksdb = settings.table_store == "rocksdb"
+    tablestore.register()
+    table_options = {**ROCKSDB_OPTIONS, "memory": settings.table_memory_mib << 20}
     app = RelayApp(
         settings.app_id,
         broker=[f"kafka://{h.strip()}" for h in settings.kafka_bootstrap.split(",")],
-        store="rocksdb://" if rocksdb else "memory://",
+        store=tablestore.STORE_URL if rocksdb else "memory://",
         datadir=str(datadir or settings.data_dir),
         topic_partitions=settings.partitions,
         topic_replication_factor=settings.replication_factor,
@@ -279,9 +279,9 @@ def create_app(settings: Settings, runtime: Runtime | None = None, *,
     # (the artist), so a table entry lives in the partition of the message that set it.
     # (Faust pops its keys from ``options``: each table gets a copy of its own.)
     seen = app.Table("declarations-seen", default=None, partitions=parts,
-                     options=dict(ROCKSDB_OPTIONS) if rocksdb else None)
+                     options=dict(table_options) if rocksdb else None)
     versions = app.Table("artist-versions", default=int, partitions=parts,
-                         options=dict(ROCKSDB_OPTIONS) if rocksdb else None)
+                         options=dict(table_options) if rocksdb else None)
 
     retry_topics = {seconds: _raw_topic(app, name, parts) for seconds, name in topics.retry_tiers}
     states = ChannelStates(rt.store)

@@ -24,6 +24,12 @@ def _env_int(name: str, default: int) -> int:
         raise ConfigError(f"{name} must be an integer, not {raw!r}") from None
 
 
+def _at_least(name: str, low: int, value: int) -> int:
+    if value < low:
+        raise ConfigError(f"{name} must be at least {low}, not {value}")
+    return value
+
+
 def _env_duration(name: str, default: timedelta) -> timedelta:
     from notice_relay.durations import parse_duration
 
@@ -88,6 +94,10 @@ class Settings:
     #: a directory of its own under ``data_dir``) or ``memory`` (rebuilt from the
     #: changelog topics at every start; grows with the number of declarations).
     table_store: str = "rocksdb"
+    #: What the ``rocksdb`` tables of a worker process may hold in memory, all
+    #: partitions together: one cache for data, index and filter blocks and the
+    #: write buffers (:mod:`notice_relay.tablestore`). MiB.
+    table_memory_mib: int = 16
     #: How many delivery tasks the deliver stage takes at once, and how long it
     #: waits to fill a batch.
     deliver_batch: int = 256
@@ -136,6 +146,8 @@ class Settings:
             publishers_file=Path(env("NOTICE_RELAY_PUBLISHERS") or d.publishers_file),
             data_dir=Path(env("NOTICE_RELAY_DATA_DIR") or d.data_dir),
             table_store=_env_choice("NOTICE_RELAY_TABLE_STORE", d.table_store, TABLE_STORES),
+            table_memory_mib=_at_least("NOTICE_RELAY_TABLE_MEMORY_MIB", 4, _env_int(
+                "NOTICE_RELAY_TABLE_MEMORY_MIB", d.table_memory_mib)),
             deliver_batch=_env_int("NOTICE_RELAY_DELIVER_BATCH", d.deliver_batch),
             deliver_batch_wait=_env_float("NOTICE_RELAY_DELIVER_BATCH_WAIT", d.deliver_batch_wait),
             audit_batch=_env_int("NOTICE_RELAY_AUDIT_BATCH", d.audit_batch),
