@@ -4,6 +4,8 @@ primary-key read of a real store (SQLite and PostgreSQL), one read per declarati
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -111,11 +113,41 @@ async def test_while_the_store_is_down_the_answer_is_no_and_said_once() -> None:
     async def down() -> AuditStore:
         raise StoreError("cannot open the audit store: connection refused")
 
-    w = Withdrawals(down)
+    clock = Clock()
+    w = Withdrawals(down, retry_after=5.0, clock=clock)
     with structlog.testing.capture_logs() as logs:
         assert await w.withdrawn("pub/d1") is False
+        assert await w.withdrawn("pub/d2") is False  # not asked again for 5 s
+        assert w.reads == 1
+        clock.now += 5.1
         assert await w.withdrawn("pub/d2") is False
+        assert w.reads == 2
     warnings = [e for e in logs if e["event"] == "withdrawals.store_unavailable"]
     assert len(warnings) == 1
     assert "connection refused" in warnings[0]["error"]
-    assert w._answers == {}  # nothing cached: the next task asks again
+    assert w._answers == {}  # nothing cached: once the store is back, it is asked
+
+
+async def test_a_store_that_hangs_does_not_hold_up_the_deliveries(store: AuditStore) -> None:
+    hang = asyncio.Event()
+
+    async def get() -> AuditStore:
+        if not hang.is_set():
+            await asyncio.sleep(3600)  # a database that neither answers nor refuses
+        return store
+
+    await relay(store, "pub/d1")
+    await withdraw(store, "pub/d1")
+    w = Withdrawals(get, timeout=0.2, retry_after=0.5)
+    started = time.monotonic()
+    with structlog.testing.capture_logs() as logs:
+        for i in range(50):  # 50 tasks during the hang: one wait, then none
+            assert await w.withdrawn(f"pub/x{i}") is False
+        assert time.monotonic() - started < 1.0
+        assert w.reads == 1
+        hang.set()
+        await asyncio.sleep(0.6)
+        assert await w.withdrawn("pub/d1") is True  # asked again once it answers
+    assert [e["event"] for e in logs] == ["withdrawals.store_unavailable",
+                                          "withdrawals.store_available"]
+    assert "no answer within 0.2 s" in logs[0]["error"]

@@ -14,11 +14,15 @@ second that grow with the store, for ever.
 
 While the store cannot be read the answer is "not withdrawn": the opt-out goes out, and
 the withdrawal, which waits for it, reaches the developer after it (the same end state
-as a withdrawal made just after the delivery). That is logged once per outage.
+as a withdrawal made just after the delivery). That is logged once per outage. A read
+gets ``timeout`` seconds, and after a failed one the store is not asked again for
+``retry_after`` seconds, so a database that hangs instead of refusing never holds up
+the deliveries.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
@@ -32,20 +36,24 @@ from notice_relay.errors import StoreError
 log = structlog.get_logger("notice_relay.withdrawals")
 
 #: What a read raises while the store cannot be opened or reached.
-_UNREADABLE: tuple[type[Exception], ...] = (StoreError, *DB_ERRORS)
+_UNREADABLE: tuple[type[Exception], ...] = (StoreError, *DB_ERRORS, TimeoutError)
 
 
 class Withdrawals:
     """Point reads of the store's declaration status, with a short-lived cache."""
 
     def __init__(self, store: Callable[[], Awaitable[AuditStore]], *, ttl: float = 1.0,
-                 size: int = 4096, clock: Callable[[], float] = time.monotonic) -> None:
+                 size: int = 4096, timeout: float = 2.0, retry_after: float = 5.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self._store = store
         self.ttl = ttl
         self.size = size
+        self.timeout = timeout
+        self.retry_after = retry_after
         self._clock = clock
         self._answers: OrderedDict[str, tuple[float, bool]] = OrderedDict()
         self._store_down = False
+        self._down_until = float("-inf")
         #: Store reads made (for tests and figures).
         self.reads = 0
 
@@ -56,13 +64,19 @@ class Withdrawals:
         if cached is not None and now - cached[0] < self.ttl:
             self._answers.move_to_end(declaration_key)
             return cached[1]
+        if now < self._down_until:
+            return False
         try:
             self.reads += 1
-            answer = await worker_queries.is_withdrawn(await self._store(), declaration_key)
+            async with asyncio.timeout(self.timeout):
+                answer = await worker_queries.is_withdrawn(await self._store(), declaration_key)
         except _UNREADABLE as exc:
+            self._down_until = self._clock() + self.retry_after
             if not self._store_down:
                 self._store_down = True
-                log.warning("withdrawals.store_unavailable", error=db_reason(exc)[:300],
+                reason = (f"no answer within {self.timeout:g} s" if isinstance(exc, TimeoutError)
+                          else db_reason(exc))
+                log.warning("withdrawals.store_unavailable", error=reason[:300],
                             consequence="opt-outs are sent; their withdrawals follow them")
             return False
         if self._store_down:
