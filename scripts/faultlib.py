@@ -379,6 +379,8 @@ class Developers:
         self.relay = relay
         self.receivers: dict[str, Receiver] = {}
         self.smtp = FlakySmtp(ca_file)
+        self._received_ids: set[str] = set()
+        self._read_upto: dict[str, int] = {}
 
     async def start(self) -> Developers:
         """Start every server and write the connectors."""
@@ -411,6 +413,25 @@ class Developers:
                 out[expected_delivery_id(d, dev, "webhook")] = (d, dev)
             out[expected_delivery_id(d, EMAIL_DEVELOPER, "email")] = (d, EMAIL_DEVELOPER)
         return out
+
+    def delivered_so_far(self) -> int:
+        """Distinct delivery ids received so far (verified 2xx requests, accepted mails),
+        counted from where the last call stopped. A long run samples this every few
+        seconds: :meth:`tally` reads everything received and hashes every id, which at
+        100,000 notices blocks the event loop the load publishes from for over a second
+        (the soak's load fell from 10 to 7.7 declarations/s that way)."""
+        for dev, r in self.receivers.items():
+            records = r.state.received
+            start = self._read_upto.get(dev, 0)
+            for rec in records[start:]:
+                if rec.status == 200 and rec.verified:
+                    self._received_ids.add(rec.webhook_id)
+            self._read_upto[dev] = len(records)
+        start = self._read_upto.get("", 0)
+        for _, ids in self.smtp.accepted[start:]:
+            self._received_ids.update(ids)
+        self._read_upto[""] = len(self.smtp.accepted)
+        return len(self._received_ids)
 
     def tally(self, published: dict[str, float]) -> Tally:
         """Count what arrived, for the declarations in ``published`` (id → time)."""

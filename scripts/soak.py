@@ -219,13 +219,12 @@ async def main_async(args: argparse.Namespace) -> int:
                     except Exception as exc:  # a sample is skipped, not the run
                         faultlib.log(f"  lag not read: {exc!r}")
                         lag = {}
-                    tally = developers.tally(load.published)
                     anon, file_backed = rss_split(pid)
                     s = Sample(
                         t=elapsed, rss_mb=proc.memory_info().rss / 2**20,
                         rss_anon_mb=anon, rss_file_mb=file_backed,
                         fds=len(os.listdir(f"/proc/{pid}/fd")), lag=lag,
-                        published=len(load.published), delivered=tally.delivered,
+                        published=len(load.published), delivered=developers.delivered_so_far(),
                         cpu_percent=proc.cpu_percent(None))
                     samples.append(s)
                     if elapsed >= next_log:
@@ -297,6 +296,10 @@ async def main_async(args: argparse.Namespace) -> int:
         "rss_mb_per_hour_by_quarter": [
             round(60 * slope([s.t / 60 for s in part], [s.rss_mb for s in part]), 2)
             for part in quarters(steady)],
+        # the load the worker actually had (the target is --rate)
+        "published_per_second_by_quarter": [
+            round((part[-1].published - part[0].published) / max(1e-9, part[-1].t - part[0].t), 2)
+            if len(part) > 1 else 0.0 for part in quarters(steady)],
         "rss_anon_mb": span([s.rss_anon_mb for s in steady]),
         "rss_file_mb": span([s.rss_file_mb for s in steady]),
         "fds": span([float(s.fds) for s in steady]),
