@@ -96,15 +96,14 @@ def child(store: str, n: int, every: int, work: Path) -> dict[str, Any]:
         # counted once).
         def total(prop: str) -> int:
             return sum(db.property_int_value(prop) or 0 for db in dbs.values())
-        caches = ({"": next(iter(dbs.values()))} if store == "rocksdb" else dbs)
+        def cache(prop: str) -> int:
+            return (dbs[("seen", 0)].property_int_value(prop) or 0 if store == "rocksdb"
+                    else total(prop))
         rocks = {
             "table_readers_bytes": total("rocksdb.estimate-table-readers-mem"),
             "memtables_bytes": total("rocksdb.size-all-mem-tables"),
-            "block_cache_bytes": sum(db.property_int_value("rocksdb.block-cache-usage") or 0
-                                     for db in caches.values()),
-            "block_cache_capacity_bytes": sum(
-                db.property_int_value("rocksdb.block-cache-capacity") or 0
-                for db in caches.values()),
+            "block_cache_bytes": cache("rocksdb.block-cache-usage"),
+            "block_cache_capacity_bytes": cache("rocksdb.block-cache-capacity"),
         }
         disk = sum(f.stat().st_size for f in work.rglob("*") if f.is_file())
         for db in dbs.values():

@@ -279,6 +279,7 @@ async def main_async(args: argparse.Namespace) -> int:
         return {"min": round(min(values), 1), "max": round(max(values), 1),
                 "first": round(values[0], 1), "last": round(values[-1], 1)} if values else {}
 
+    parts = quarters(steady)
     summary = {
         "started_at": started.isoformat(), "minutes": args.minutes, "rate": args.rate,
         "table_store": args.table_store,
@@ -295,11 +296,11 @@ async def main_async(args: argparse.Namespace) -> int:
         # the same slope in every part
         "rss_mb_per_hour_by_quarter": [
             round(60 * slope([s.t / 60 for s in part], [s.rss_mb for s in part]), 2)
-            for part in quarters(steady)],
+            for part in parts],
         # the load the worker actually had (the target is --rate)
         "published_per_second_by_quarter": [
             round((part[-1].published - part[0].published) / max(1e-9, part[-1].t - part[0].t), 2)
-            if len(part) > 1 else 0.0 for part in quarters(steady)],
+            if len(part) > 1 else 0.0 for part in parts],
         "rss_anon_mb": span([s.rss_anon_mb for s in steady]),
         "rss_file_mb": span([s.rss_file_mb for s in steady]),
         "fds": span([float(s.fds) for s in steady]),

@@ -11,6 +11,7 @@ A pytest plugin module: a test module loads it with ``pytest_plugins = ["pg"]``.
 - ``database_factory`` / ``database_url``: parametrized over ``sqlite`` and
   ``postgresql``: every test using them runs once per backend. The PostgreSQL case
   carries the ``postgres`` marker (``-m "not postgres"`` runs SQLite only).
+- ``store``: a fresh :class:`AuditStore` opened on ``database_url``, closed after.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import shutil
 import sys
 import tempfile
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -31,6 +32,8 @@ if _SCRIPTS not in sys.path:
     sys.path.insert(0, _SCRIPTS)
 
 import localpg  # noqa: E402
+
+from notice_relay.audit.store import AuditStore  # noqa: E402
 
 BACKENDS = ["sqlite", "postgresql"]
 
@@ -126,6 +129,16 @@ def database_factory(request: pytest.FixtureRequest, tmp_path: Path) -> Callable
 def database_url(database_factory: Callable[[], str]) -> str:
     """A fresh, empty audit store URL on the test's backend (SQLite, PostgreSQL)."""
     return database_factory()
+
+
+@pytest.fixture
+async def store(database_url: str) -> AsyncIterator[AuditStore]:
+    """A fresh audit store on the test's backend (SQLite, PostgreSQL)."""
+    s = await AuditStore.open(database_url)
+    try:
+        yield s
+    finally:
+        await s.close()
 
 
 def backend_of(url: str) -> str:

@@ -4,10 +4,7 @@ ingest answer winning a conflict, and the export stream."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta, timezone
-
-import pytest
 
 from notice_relay.api.ingest import _first, _remember
 from notice_relay.api.schemas import IngestResult
@@ -23,12 +20,6 @@ T0 = datetime(2026, 9, 1, 12, 0, tzinfo=UTC)
 JST = timezone(timedelta(hours=9))
 
 
-@pytest.fixture
-async def store(database_url: str) -> AsyncIterator[AuditStore]:
-    """A fresh store (with the API's tables) on the test's backend."""
-    s = await AuditStore.open(database_url)
-    yield s
-    await s.close()
 
 
 def _events(n: int) -> list[AuditEvent]:

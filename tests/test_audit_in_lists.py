@@ -4,7 +4,6 @@ however its batches are cut (the statement caches of both drivers stay small).""
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -38,13 +37,6 @@ def test_in_lists_refuse_a_size_that_is_not_a_power_of_two() -> None:
         list(in_lists(["a"], 500))
 
 
-@pytest.fixture
-async def store(database_url: str) -> AsyncIterator[AuditStore]:
-    s = await AuditStore.open(database_url)
-    try:
-        yield s
-    finally:
-        await s.close()
 
 
 async def test_batches_of_every_size_prepare_few_statements(store: AuditStore) -> None:

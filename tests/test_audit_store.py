@@ -7,7 +7,7 @@ fixtures; each PostgreSQL test gets its own database)."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
@@ -48,12 +48,6 @@ def trail(key: str, n_deliveries: int = 2) -> list[AuditEvent]:
     return evs
 
 
-@pytest.fixture
-async def store(database_url: str) -> AsyncIterator[AuditStore]:
-    """A fresh audit store, on SQLite and on PostgreSQL."""
-    s = await AuditStore.open(database_url)
-    yield s
-    await s.close()
 
 
 async def test_append_is_idempotent_and_numbers_events(store: AuditStore) -> None:

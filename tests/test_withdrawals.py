@@ -6,11 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import pytest
 import sqlalchemy as sa
 import structlog
 
@@ -24,13 +22,6 @@ from notice_relay.withdrawals import Withdrawals
 pytest_plugins = ["pg"]
 
 
-@pytest.fixture
-async def store(database_url: str) -> AsyncIterator[AuditStore]:
-    s = await AuditStore.open(database_url)
-    try:
-        yield s
-    finally:
-        await s.close()
 
 
 class Clock:

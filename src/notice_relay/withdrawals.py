@@ -52,8 +52,8 @@ class Withdrawals:
         self.retry_after = retry_after
         self._clock = clock
         self._answers: OrderedDict[str, tuple[float, bool]] = OrderedDict()
-        self._store_down = False
-        self._down_until = float("-inf")
+        #: Until when the store is left alone after a failed read (None: it is up).
+        self._down_until: float | None = None
         #: Store reads made (for tests and figures).
         self.reads = 0
 
@@ -64,23 +64,22 @@ class Withdrawals:
         if cached is not None and now - cached[0] < self.ttl:
             self._answers.move_to_end(declaration_key)
             return cached[1]
-        if now < self._down_until:
+        if self._down_until is not None and now < self._down_until:
             return False
         try:
             self.reads += 1
             async with asyncio.timeout(self.timeout):
                 answer = await worker_queries.is_withdrawn(await self._store(), declaration_key)
         except _UNREADABLE as exc:
-            self._down_until = self._clock() + self.retry_after
-            if not self._store_down:
-                self._store_down = True
+            if self._down_until is None:
                 reason = (f"no answer within {self.timeout:g} s" if isinstance(exc, TimeoutError)
                           else db_reason(exc))
                 log.warning("withdrawals.store_unavailable", error=reason[:300],
                             consequence="opt-outs are sent; their withdrawals follow them")
+            self._down_until = self._clock() + self.retry_after
             return False
-        if self._store_down:
-            self._store_down = False
+        if self._down_until is not None:
+            self._down_until = None
             log.info("withdrawals.store_available")
         self._answers[declaration_key] = (now, answer)
         self._answers.move_to_end(declaration_key)
