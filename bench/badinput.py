@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import signal
 import statistics
 import sys
 import time
@@ -97,7 +96,7 @@ class RejectedReader:
         await self.consumer.stop()
 
 
-async def latency(bench: Bench, root: Path, topic: str, run: str, devs: list[str],
+async def latency(bench: Bench, topic: str, run: str, devs: list[str],
                   first: int, args: argparse.Namespace, bad: list[bytes],
                   rejected: RejectedReader, proc: Any, bad_per_valid: int) -> dict[str, Any]:
     """Valid declarations ``first``… at ``args.rate``/s for ``args.seconds``, with
@@ -143,13 +142,7 @@ async def throughput(bench: Bench, root: Path, topic: str, run: str, devs: list[
                 for i in range(first, first + count)]
     else:
         msgs = [(f"bad-{k}".encode(), bad[k % len(bad)], []) for k in range(count)]
-    proc.send_signal(signal.SIGSTOP)
-    try:
-        await bench.publish(topic, msgs)
-    finally:
-        cpu0 = cpu_seconds(proc.pid)
-        t0 = time.time()
-        proc.send_signal(signal.SIGCONT)
+    cpu0, t0 = await bench.publish_frozen([proc], topic, msgs)
     if bad is None:
         t_end = await bench.wait_delivered(root, warm + count * len(devs), 600, proc)
     else:
@@ -194,7 +187,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             for label, k, first in (("alone", 0, 100_000), ("with bad", args.bad_per_valid,
                                                             200_000),
                                     ("alone again", 0, 300_000)):
-                r = await latency(bench, root, topics.declarations, run, devs, first, args,
+                r = await latency(bench, topics.declarations, run, devs, first, args,
                                   bad, rejected, proc, k)
                 r["label"] = label
                 runs.append(r)

@@ -232,6 +232,21 @@ class Bench:
         for f in futs:
             await f
 
+    async def publish_frozen(self, procs: list[subprocess.Popen[bytes]], topic: str,
+                             messages: list[tuple[bytes, bytes, list[Any]]]) -> tuple[float, float]:
+        """Publish ``messages`` while ``procs`` are frozen (SIGSTOP), then release them
+        (SIGCONT): their summed CPU seconds and the wall time at the release."""
+        for p in procs:
+            p.send_signal(signal.SIGSTOP)
+        try:
+            await self.publish(topic, messages)
+        finally:
+            cpu0 = sum(cpu_seconds(p.pid) for p in procs)
+            t0 = time.time()
+            for p in procs:
+                p.send_signal(signal.SIGCONT)
+        return cpu0, t0
+
     async def publish_paced(self, topic: str, make: Any, count: int,
                             rate: float) -> dict[int, float]:
         """Publish message ``make(i)`` for i < count at ``rate`` per second; the time
@@ -291,13 +306,7 @@ class Bench:
                 msgs = [self.signed(wid, dev, bodies[i])
                         for i in range(n_decl)
                         for wid, dev in zip(common.delivery_ids(run, i, devs), devs, strict=True)]
-                proc.send_signal(signal.SIGSTOP)
-                try:
-                    await self.publish(topic, msgs)
-                finally:
-                    cpu0 = cpu_seconds(proc.pid)
-                    t0 = time.time()
-                    proc.send_signal(signal.SIGCONT)
+                cpu0, t0 = await self.publish_frozen([proc], topic, msgs)
                 s = await self.wait_received(total, max(120.0, total / 100), proc)
                 cpu1 = cpu_seconds(proc.pid)
                 elapsed = s["last_arrival"] - t0
@@ -471,15 +480,7 @@ class Bench:
                      *(["--gil"] if self.args.profile_gil else [])],
                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             if rate is None:
-                for w in workers:
-                    w.send_signal(signal.SIGSTOP)
-                try:
-                    await self.publish(topics.declarations, decls)
-                finally:
-                    cpu0 = sum(cpu_seconds(w.pid) for w in workers)
-                    t0 = time.time()
-                    for w in workers:
-                        w.send_signal(signal.SIGCONT)
+                cpu0, t0 = await self.publish_frozen(workers, topics.declarations, decls)
                 peak = 0.0
                 waiter = asyncio.create_task(
                     self.wait_delivered(root, total + warm, max(600.0, total / 10), proc))

@@ -20,8 +20,6 @@ T0 = datetime(2026, 9, 1, 12, 0, tzinfo=UTC)
 JST = timezone(timedelta(hours=9))
 
 
-
-
 def _events(n: int) -> list[AuditEvent]:
     """n deliveries for two developers, one a minute, failed when i is odd."""
     evs = []

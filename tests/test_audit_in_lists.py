@@ -37,8 +37,6 @@ def test_in_lists_refuse_a_size_that_is_not_a_power_of_two() -> None:
         list(in_lists(["a"], 500))
 
 
-
-
 async def test_batches_of_every_size_prepare_few_statements(store: AuditStore) -> None:
     statements: set[str] = set()
 

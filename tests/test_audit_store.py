@@ -48,8 +48,6 @@ def trail(key: str, n_deliveries: int = 2) -> list[AuditEvent]:
     return evs
 
 
-
-
 async def test_append_is_idempotent_and_numbers_events(store: AuditStore) -> None:
     """Appending the same events twice stores them once, numbered 1..n per declaration."""
     a, b = trail("p/a"), trail("p/b", 1)

@@ -22,8 +22,6 @@ from notice_relay.withdrawals import Withdrawals
 pytest_plugins = ["pg"]
 
 
-
-
 class Clock:
     def __init__(self) -> None:
         self.now = 1000.0
