@@ -49,6 +49,7 @@ from notice_relay.fanout import delivery_id as make_delivery_id
 from notice_relay.fanout import plan_deliveries
 from notice_relay.health import ChannelHealth, after_outcome
 from notice_relay.lanes import Admission, Lane, LaneSettings
+from notice_relay.memory import NativeHeap
 from notice_relay.models import (
     AckInfo,
     Action,
@@ -731,6 +732,18 @@ def run_worker(settings: Settings, *, loglevel: str = "warning") -> None:
         # each time (a latency spike for every delivery in flight; docs/performance.md).
         gc.collect()
         gc.freeze()
+
+    heap = NativeHeap()
+    if heap.available and settings.malloc_trim_interval > timedelta(0):
+
+        @app.timer(settings.malloc_trim_interval.total_seconds())  # type: ignore[untyped-decorator]  # faust's decorators are untyped
+        async def trim_native_heap() -> None:
+            # Free pages left in the middle of the allocator's heaps stay resident
+            # until handed back (notice_relay.memory; docs/reliability.md, finding 7).
+            done = await asyncio.to_thread(heap.trim)
+            if done is not None:
+                log.debug("memory.trimmed", ms=round(done.seconds * 1000, 2),
+                          released=done.released)
 
     worker = faust.Worker(app, loglevel=loglevel, quiet=True)
     worker.execute_from_commandline()

@@ -98,6 +98,9 @@ class Settings:
     #: partitions together: one cache for data, index and filter blocks and the
     #: write buffers (:mod:`notice_relay.tablestore`). MiB.
     table_memory_mib: int = 16
+    #: How often a worker gives the C allocator's free pages back to the system
+    #: (:mod:`notice_relay.memory`); zero: never.
+    malloc_trim_interval: timedelta = timedelta(seconds=60)
     #: How many delivery tasks the deliver stage takes at once, and how long it
     #: waits to fill a batch.
     deliver_batch: int = 256
@@ -148,6 +151,8 @@ class Settings:
             table_store=_env_choice("NOTICE_RELAY_TABLE_STORE", d.table_store, TABLE_STORES),
             table_memory_mib=_at_least("NOTICE_RELAY_TABLE_MEMORY_MIB", 4, _env_int(
                 "NOTICE_RELAY_TABLE_MEMORY_MIB", d.table_memory_mib)),
+            malloc_trim_interval=_env_duration("NOTICE_RELAY_MALLOC_TRIM_INTERVAL",
+                                               d.malloc_trim_interval),
             deliver_batch=_env_int("NOTICE_RELAY_DELIVER_BATCH", d.deliver_batch),
             deliver_batch_wait=_env_float("NOTICE_RELAY_DELIVER_BATCH_WAIT", d.deliver_batch_wait),
             audit_batch=_env_int("NOTICE_RELAY_AUDIT_BATCH", d.audit_batch),
