@@ -57,14 +57,17 @@ def test_trim_gives_free_pages_in_the_middle_of_a_heap_back() -> None:
         assert before is not None
         done = heap.trim()
         after = resident_bytes()
-        assert done is not None and after is not None
+        assert done is not None
+        assert after is not None
         # most of the 26 MiB freed was still resident, and the trim released it
-        assert done.released is not None and done.released >= freed // 2
+        assert done.released is not None
+        assert done.released >= freed // 2
         assert before - after >= freed // 2
         assert done.seconds < 5
         # nothing left to give back: a second trim releases (almost) nothing
         again = heap.trim()
-        assert again is not None and again.released is not None
+        assert again is not None
+        assert again.released is not None
         assert again.released < freed // 8
     finally:
         libc = ctypes.CDLL(None)
@@ -89,7 +92,8 @@ def test_memory_still_in_use_survives_a_trim() -> None:
 
 def test_resident_bytes_reads_this_process() -> None:
     rss = resident_bytes()
-    assert rss is not None and 10 * 2**20 < rss < 64 * 2**30
+    assert rss is not None
+    assert 10 * 2**20 < rss < 64 * 2**30
 
 
 def test_trim_interval_setting(monkeypatch: pytest.MonkeyPatch) -> None:
