@@ -19,14 +19,25 @@ BLOCK = 64 * 1024  # below glibc's mmap threshold: served from the thread's aren
 BLOCKS = 480
 
 
-def _fragment_a_thread_arena() -> list[int]:
-    """In a thread of its own (so in an arena of its own): allocate and touch
-    ``BLOCKS`` blocks, free seven in eight. The eighth ones stay, spread across the
-    heap, so ``free`` cannot give the stretches between them back from the top."""
+def _libc() -> ctypes.CDLL:
     libc = ctypes.CDLL(None)
     libc.malloc.restype = ctypes.c_void_p
     libc.malloc.argtypes = [ctypes.c_size_t]
     libc.free.argtypes = [ctypes.c_void_p]
+    return libc
+
+
+def _free(blocks: list[int]) -> None:
+    libc = _libc()
+    for p in blocks:
+        libc.free(p)
+
+
+def _fragment_a_thread_arena() -> list[int]:
+    """In a thread of its own (so in an arena of its own): allocate and touch
+    ``BLOCKS`` blocks, free seven in eight. The eighth ones stay, spread across the
+    heap, so ``free`` cannot give the stretches between them back from the top."""
+    libc = _libc()
     kept: list[int] = []
 
     def run() -> None:
@@ -70,10 +81,7 @@ def test_trim_gives_free_pages_in_the_middle_of_a_heap_back() -> None:
         assert again.released is not None
         assert again.released < freed // 8
     finally:
-        libc = ctypes.CDLL(None)
-        libc.free.argtypes = [ctypes.c_void_p]
-        for p in kept:
-            libc.free(p)
+        _free(kept)
 
 
 @pytest.mark.skipif(not GLIBC, reason="malloc_trim is glibc's")
@@ -84,10 +92,7 @@ def test_memory_still_in_use_survives_a_trim() -> None:
         for p in kept:  # still readable, still what was written
             assert ctypes.string_at(p, 16) == b"\x5a" * 16
     finally:
-        libc = ctypes.CDLL(None)
-        libc.free.argtypes = [ctypes.c_void_p]
-        for p in kept:
-            libc.free(p)
+        _free(kept)
 
 
 def test_resident_bytes_reads_this_process() -> None:

@@ -19,7 +19,6 @@ C library without it (musl, macOS) the timer does nothing.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import time
 from dataclasses import dataclass
@@ -50,10 +49,10 @@ class NativeHeap:
 
     def __init__(self) -> None:
         self._trim: Any = None
-        name = ctypes.util.find_library("c")
         try:
-            libc = ctypes.CDLL(name) if name else ctypes.CDLL(None)
-            fn = libc.malloc_trim
+            # The symbols already loaded into this process, libc's among them: no
+            # library search (``ctypes.util.find_library`` runs ldconfig) at start-up.
+            fn = ctypes.CDLL(None).malloc_trim
         except (OSError, AttributeError):
             return
         fn.argtypes = [ctypes.c_size_t]
