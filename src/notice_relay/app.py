@@ -706,6 +706,12 @@ def run_worker(settings: Settings, *, loglevel: str = "warning") -> None:
     """Create the topics, load the registry and run a worker until it is stopped."""
     from notice_relay.topics import ensure_topics
 
+    heap = NativeHeap()
+    # Before any thread allocates (ensure_topics' name lookups run in threads):
+    # notice_relay.memory, HeapLimits; docs/reliability.md, finding 7.
+    limited = heap.limit()
+    if limited:
+        log.debug("memory.limited", **limited)
     rt = Runtime.load(settings)
     rt.build_channels()
     asyncio.run(ensure_topics(settings))
@@ -733,7 +739,6 @@ def run_worker(settings: Settings, *, loglevel: str = "warning") -> None:
         gc.collect()
         gc.freeze()
 
-    heap = NativeHeap()
     if heap.available and settings.malloc_trim_interval > timedelta(0):
 
         @app.timer(settings.malloc_trim_interval.total_seconds())  # type: ignore[untyped-decorator]  # faust's decorators are untyped
