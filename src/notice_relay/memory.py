@@ -33,6 +33,7 @@ from __future__ import annotations
 import ctypes
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,21 +61,20 @@ class HeapLimits:
     mmap_threshold: int = 512 * 1024
     trim_threshold: int = 1024 * 1024
 
-    def settings(self) -> list[tuple[str, int, int, tuple[str, ...]]]:
-        """(name, mallopt parameter, value, the environment variables that set it)"""
+    def settings(self) -> list[tuple[str, int, int, str]]:
+        """(name, mallopt parameter, value, glibc's environment variable for it); the
+        name is also the tunable's, ``glibc.malloc.<name>`` in ``GLIBC_TUNABLES``."""
         return [
-            ("arena_max", M_ARENA_MAX, self.arena_max,
-             ("MALLOC_ARENA_MAX", "glibc.malloc.arena_max")),
+            ("arena_max", M_ARENA_MAX, self.arena_max, "MALLOC_ARENA_MAX"),
             ("mmap_threshold", M_MMAP_THRESHOLD, self.mmap_threshold,
-             ("MALLOC_MMAP_THRESHOLD_", "glibc.malloc.mmap_threshold")),
+             "MALLOC_MMAP_THRESHOLD_"),
             ("trim_threshold", M_TRIM_THRESHOLD, self.trim_threshold,
-             ("MALLOC_TRIM_THRESHOLD_", "glibc.malloc.trim_threshold")),
+             "MALLOC_TRIM_THRESHOLD_"),
         ]
 
 
-def _set_by_operator(names: tuple[str, ...], environ: dict[str, str]) -> bool:
-    variable, tunable = names
-    return variable in environ or f"{tunable}=" in environ.get("GLIBC_TUNABLES", "")
+def _set_by_operator(name: str, variable: str, environ: Mapping[str, str]) -> bool:
+    return variable in environ or f"glibc.malloc.{name}=" in environ.get("GLIBC_TUNABLES", "")
 
 
 def resident_bytes() -> int | None:
@@ -120,18 +120,16 @@ class NativeHeap:
         """Whether this C library has ``malloc_trim``."""
         return self._trim is not None
 
-    def limit(self, limits: HeapLimits | None = None,
-              environ: dict[str, str] | None = None) -> dict[str, int]:
+    def limit(self, limits: HeapLimits = HeapLimits(),
+              environ: Mapping[str, str] = os.environ) -> dict[str, int]:
         """Fix the allocator's heap count and thresholds (:class:`HeapLimits`), each
         unless the operator set it through glibc's own variables. Returns what was
         set. Call it before the threads start: a heap, once made, stays."""
         if self._mallopt is None:
             return {}
-        limits = limits or HeapLimits()
-        env = dict(os.environ) if environ is None else environ
         done: dict[str, int] = {}
-        for name, param, value, names in limits.settings():
-            if _set_by_operator(names, env):
+        for name, param, value, variable in limits.settings():
+            if _set_by_operator(name, variable, environ):
                 continue
             if self._mallopt(param, value) != 1:
                 raise OSError(f"mallopt refused {name}={value}")
