@@ -75,6 +75,7 @@ from notice_relay.stages import (
     reject,
     utcnow,
 )
+from notice_relay.stopping import BoundedWorker
 from notice_relay.topics import Topics, tier_for
 from notice_relay.validate import parse_declaration
 from notice_relay.withdrawals import Withdrawals
@@ -750,5 +751,8 @@ def run_worker(settings: Settings, *, loglevel: str = "warning") -> None:
                 log.debug("memory.trimmed", ms=round(done.seconds * 1000, 2),
                           released=done.released)
 
-    worker = faust.Worker(app, loglevel=loglevel, quiet=True)
+    # A stop that cannot finish (the broker gone) ends the process after
+    # NOTICE_RELAY_STOP_TIMEOUT, as a SIGKILL would (notice_relay.stopping).
+    worker = BoundedWorker(app, loglevel=loglevel, quiet=True,
+                           stop_timeout=settings.stop_timeout.total_seconds())
     worker.execute_from_commandline()

@@ -101,6 +101,9 @@ class Settings:
     #: How often a worker gives the C allocator's free pages back to the system
     #: (:mod:`notice_relay.memory`); zero: never.
     malloc_trim_interval: timedelta = timedelta(seconds=60)
+    #: How long a worker's stop may take before the process ends regardless
+    #: (:mod:`notice_relay.stopping`); zero: no limit.
+    stop_timeout: timedelta = timedelta(seconds=30)
     #: How many delivery tasks the deliver stage takes at once, and how long it
     #: waits to fill a batch.
     deliver_batch: int = 256
@@ -153,6 +156,7 @@ class Settings:
                 "NOTICE_RELAY_TABLE_MEMORY_MIB", d.table_memory_mib)),
             malloc_trim_interval=_env_duration("NOTICE_RELAY_MALLOC_TRIM_INTERVAL",
                                                d.malloc_trim_interval),
+            stop_timeout=_env_duration("NOTICE_RELAY_STOP_TIMEOUT", d.stop_timeout),
             deliver_batch=_env_int("NOTICE_RELAY_DELIVER_BATCH", d.deliver_batch),
             deliver_batch_wait=_env_float("NOTICE_RELAY_DELIVER_BATCH_WAIT", d.deliver_batch_wait),
             audit_batch=_env_int("NOTICE_RELAY_AUDIT_BATCH", d.audit_batch),
