@@ -104,6 +104,27 @@ def quiet_kafka_logs() -> None:
     logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
 
 
+def run(main: Callable[[], Awaitable[int]]) -> int:
+    """``asyncio.run(main())``, where SIGTERM ends the run as Ctrl-C does: the main task
+    is cancelled, so its ``finally`` blocks stop the broker, the workers and the servers
+    instead of leaving them running. Returns 130 or 143 when interrupted."""
+
+    async def guarded() -> int:
+        task = asyncio.current_task()
+        assert task is not None
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+        try:
+            return await main()
+        except asyncio.CancelledError:
+            log("interrupted: the run's processes are stopped")
+            return 143
+
+    try:
+        return asyncio.run(guarded())
+    except KeyboardInterrupt:  # SIGINT: the same cancellation, reported by asyncio.run
+        return 130
+
+
 def log(msg: str) -> None:
     """A timestamped progress line on stderr."""
     sys.stderr.write(f"[{datetime.now(UTC):%H:%M:%S}] {msg}\n")

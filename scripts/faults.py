@@ -22,7 +22,6 @@ process log). Exit code 0 when every scenario passed.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import platform
 import sys
@@ -123,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=None, help="random seed (kill moments)")
     args = p.parse_args(argv)
     faultlib.quiet_kafka_logs()
-    return asyncio.run(main_async(args))
+    return faultlib.run(lambda: main_async(args))
 
 
 if __name__ == "__main__":

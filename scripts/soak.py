@@ -346,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="where the PNG goes")
     args = p.parse_args(argv)
     faultlib.quiet_kafka_logs()
-    return asyncio.run(main_async(args))
+    return faultlib.run(lambda: main_async(args))
 
 
 if __name__ == "__main__":
