@@ -1,0 +1,133 @@
+"""A memory probe for a soak's worker (docs/reliability.md, finding 7).
+
+Loaded by every Python process started with ``PYTHONPATH=scripts/memprobe``; it does
+something only in a ``notice_relay worker`` process and only with ``PROBE_DIR`` set.
+Every ``PROBE_EVERY`` seconds (default 300) a thread appends one JSON line to
+``$PROBE_DIR/probe.jsonl`` and writes glibc's ``malloc_info`` to
+``$PROBE_DIR/malloc-<minute>.xml``. Each line holds:
+
+- the process's RSS (``/proc/self/status``),
+- glibc's ``mallinfo2`` (mapped, in use, free, mapped on their own),
+- CPython's allocator (``sys._debugmallocstats``: arenas, bytes of live objects),
+- ``sqlite3_memory_used`` of the system SQLite, which Python's ``sqlite3`` uses,
+- the usage of the worker's RocksDB cache (``notice_relay.tablestore``),
+- the count of objects the collector tracks, by type (top 60).
+
+Nothing here pauses the worker beyond a few milliseconds per sample.
+
+    PYTHONPATH=scripts/memprobe PROBE_DIR=/tmp/p python scripts/soak.py --minutes 75 --rate 10
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def _cmdline() -> list[bytes]:
+    try:
+        with open("/proc/self/cmdline", "rb") as fh:
+            return fh.read().split(b"\0")
+    except OSError:
+        return []
+
+
+def _start() -> None:
+    import ctypes
+    import gc
+    import json
+    import sys
+    import tempfile
+    import threading
+    import time
+    from collections import Counter
+
+    out = os.environ["PROBE_DIR"]
+    os.makedirs(out, exist_ok=True)
+    every = float(os.environ.get("PROBE_EVERY", "300"))
+    libc = ctypes.CDLL("libc.so.6")
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(n, ctypes.c_size_t) for n in (
+            "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
+            "uordblks", "fordblks", "keepcost")]
+
+    libc.mallinfo2.restype = MallInfo2
+    libc.fopen.restype = ctypes.c_void_p
+    libc.fopen.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
+    libc.fclose.argtypes = [ctypes.c_void_p]
+    libc.malloc_info.argtypes = [ctypes.c_int, ctypes.c_void_p]
+    try:
+        sqlite = ctypes.CDLL("libsqlite3.so.0")
+        sqlite.sqlite3_memory_used.restype = ctypes.c_int64
+    except OSError:
+        sqlite = None
+    keys = ("# arenas allocated current", "# bytes in allocated blocks",
+            "# bytes in available blocks", "Total")
+
+    def pymalloc() -> dict[str, int]:
+        # _debugmallocstats writes to the C stderr: lend it a file for a moment.
+        got: dict[str, int] = {}
+        with tempfile.TemporaryFile("w+") as tf:
+            sys.stderr.flush()
+            saved = os.dup(2)
+            os.dup2(tf.fileno(), 2)
+            try:
+                sys._debugmallocstats()
+            finally:
+                os.dup2(saved, 2)
+                os.close(saved)
+            tf.seek(0)
+            for line in tf:
+                for key in keys:
+                    name = "pymalloc " + key.strip("# ")
+                    if line.startswith(key) and name not in got:
+                        got[name] = int(line.split("=")[1].replace(",", "").strip())
+        return got
+
+    def sample(t0: float) -> None:
+        minute = (time.monotonic() - t0) / 60
+        mi = libc.mallinfo2()
+        rec: dict[str, object] = {
+            "min": round(minute, 2), "wall": time.time(),
+            "malloc_arena": mi.arena, "malloc_inuse": mi.uordblks,
+            "malloc_free": mi.fordblks, "malloc_mmapped": mi.hblkhd,
+            "malloc_mmap_n": mi.hblks, "py_blocks": sys.getallocatedblocks(),
+            "threads": threading.active_count()}
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(("VmRSS", "RssAnon", "RssFile")):
+                    k, v = line.split(":")
+                    rec[k] = int(v.split()[0]) / 1024
+        if sqlite is not None:
+            rec["sqlite_used"] = sqlite.sqlite3_memory_used()
+        tables = sys.modules.get("notice_relay.tablestore")
+        if tables is not None:
+            rec["rocks"] = [[m, c.get_usage(), c.get_pinned_usage()]
+                            for m, (c, _w) in tables._budgets.items()]
+        rec.update(pymalloc())
+        counts = Counter(type(o).__qualname__ for o in gc.get_objects())
+        rec["gc_objects"] = sum(counts.values())
+        rec["gc_top"] = counts.most_common(60)
+        fp = libc.fopen(f"{out}/malloc-{minute:06.1f}.xml".encode(), b"w")
+        if fp:
+            libc.malloc_info(0, fp)
+            libc.fclose(fp)
+        with open(f"{out}/probe.jsonl", "a") as fh:
+            fh.write(json.dumps(rec) + "\n")
+
+    def loop() -> None:
+        t0 = time.monotonic()
+        while True:
+            time.sleep(every)
+            try:
+                sample(t0)
+            except Exception as exc:  # the probe never stops the worker
+                with open(f"{out}/probe.err", "a") as fh:
+                    fh.write(repr(exc) + "\n")
+
+    threading.Thread(target=loop, name="memprobe", daemon=True).start()
+
+
+_cmd = _cmdline()
+if b"notice_relay" in _cmd and b"worker" in _cmd and os.environ.get("PROBE_DIR"):
+    _start()
