@@ -35,7 +35,8 @@ STOP_TIMEOUT_STATUS = 3
 
 
 class StopDeadline:
-    """Ends the process ``seconds`` after :meth:`arm` unless it ended by itself first.
+    """Ends the process ``seconds`` after :meth:`arm` unless it ended by itself first
+    (the timer thread is a daemon: a process that exits does not wait for it).
 
     ``exit`` is what ends it (``os._exit``: no cleanup, since the cleanup is what hangs).
     """
@@ -59,11 +60,6 @@ class StopDeadline:
         self._timer.name = "stop-deadline"
         self._timer.daemon = True
         self._timer.start()
-
-    def cancel(self) -> None:
-        """Stop the countdown (the stop finished in time)."""
-        if self._timer is not None:
-            self._timer.cancel()
 
     def _expire(self) -> None:
         log.error("worker.stop_timeout", seconds=self.seconds, status=STOP_TIMEOUT_STATUS,
