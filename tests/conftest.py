@@ -127,18 +127,21 @@ def relay_env(kafka: str, tmp_path: Path) -> Env:
 class WorkerProcess:
     """A real ``notice-relay worker`` process."""
 
-    def __init__(self, env: Env, name: str = "worker") -> None:
+    def __init__(self, env: Env, name: str = "worker", *, loglevel: str | None = None,
+                 **extra: str) -> None:
         self.env = env
         self.log = env.root / f"{name}.log"
+        self.loglevel = loglevel or os.environ.get("NOTICE_RELAY_TEST_WORKER_LOGLEVEL", "warning")
+        self.extra = extra
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> WorkerProcess:
         """Start the process (it creates its topics first)."""
         fh = self.log.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "notice_relay", "worker", "--loglevel",
-             os.environ.get("NOTICE_RELAY_TEST_WORKER_LOGLEVEL", "warning")],
-            env=self.env.environ(), cwd=self.env.root, stdout=fh, stderr=subprocess.STDOUT,
+            [sys.executable, "-m", "notice_relay", "worker", "--loglevel", self.loglevel],
+            env=self.env.environ(**self.extra), cwd=self.env.root, stdout=fh,
+            stderr=subprocess.STDOUT,
             start_new_session=True,
         )
         fh.close()

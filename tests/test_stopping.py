@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Env, wait_until
+from conftest import Env, WorkerProcess, wait_until
 
 from notice_relay.stopping import STOP_TIMEOUT_STATUS, StopDeadline
 
@@ -68,23 +68,22 @@ def prepare(env: Env) -> None:
                               "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode())
 
 
-def start_worker(env: Env, log: Path, **extra: str) -> subprocess.Popen[bytes]:
-    with log.open("ab") as fh:
-        return subprocess.Popen(
-            [sys.executable, "-m", "notice_relay", "worker", "--loglevel", "info"],
-            env=env.environ(**extra), cwd=env.root, stdout=fh, stderr=subprocess.STDOUT,
-            start_new_session=True)
+def ready_worker(env: Env, **extra: str) -> WorkerProcess:
+    """A worker process logging at info level, once faust says it is ready."""
+    worker = WorkerProcess(env, loglevel="info", **extra).start()
 
-
-def wait_ready(proc: subprocess.Popen[bytes], log: Path) -> None:
     def ready() -> bool:
-        assert proc.poll() is None, log.read_text(errors="replace")[-3000:]
-        return "Ready" in log.read_text(errors="replace")
+        assert worker.proc is not None
+        assert worker.proc.poll() is None, worker.output()[-3000:]
+        return "Ready" in worker.output()
     wait_until(ready, 120, what="the worker to start")
+    return worker
 
 
-def stopped_within(proc: subprocess.Popen[bytes], seconds: float) -> tuple[int | None, float]:
+def stopped_within(worker: WorkerProcess, seconds: float) -> tuple[int | None, float]:
     """SIGTERM; the exit status (None: still running after ``seconds``) and the time."""
+    proc = worker.proc
+    assert proc is not None
     t0 = time.monotonic()
     proc.send_signal(signal.SIGTERM)
     try:
@@ -99,18 +98,14 @@ def test_a_worker_told_to_stop_with_its_broker_gone_ends_at_its_deadline(
         own_broker: localkafka.KafkaNode, tmp_path: Path) -> None:
     env = Env(root=tmp_path, bootstrap=own_broker.bootstrap)
     prepare(env)
-    log = tmp_path / "worker.log"
-    proc = start_worker(env, log, NOTICE_RELAY_STOP_TIMEOUT="5s")
+    worker = ready_worker(env, NOTICE_RELAY_STOP_TIMEOUT="5s")
     try:
-        wait_ready(proc, log)
         localkafka.stop(own_broker)
         time.sleep(2)
-        status, took = stopped_within(proc, 60)
+        status, took = stopped_within(worker, 60)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
-    out = log.read_text(errors="replace")
+        worker.kill()
+    out = worker.output()
     assert status == STOP_TIMEOUT_STATUS, (status, out[-3000:])
     print(f"stop with the broker gone: {took:.1f} s")
     assert 4.5 <= took < 30, took
@@ -121,16 +116,12 @@ def test_a_worker_told_to_stop_with_its_broker_gone_ends_at_its_deadline(
 def test_a_worker_stops_cleanly_before_its_deadline_when_the_broker_is_there(
         relay_env: Env) -> None:
     prepare(relay_env)
-    log = relay_env.root / "worker.log"
-    proc = start_worker(relay_env, log)
+    worker = ready_worker(relay_env)
     try:
-        wait_ready(proc, log)
-        status, took = stopped_within(proc, 60)
+        status, took = stopped_within(worker, 60)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
-    out = log.read_text(errors="replace")
+        worker.kill()
+    out = worker.output()
     assert status == 0, (status, out[-3000:])
     print(f"clean stop: {took:.1f} s")
     assert took < 30, took
