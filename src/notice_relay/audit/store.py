@@ -266,6 +266,13 @@ def _row_to_event(row: Any) -> StoredEvent:
     return StoredEvent(event=event, seq=row.seq, prev_hash=row.prev_hash, hash=row.hash)
 
 
+#: The page cache of each SQLite connection, KiB. SQLite's default (2,000 KiB per
+#: connection) fills as the database grows, on every connection of the pool, so a
+#: long-running worker held megabytes more after hours than after minutes
+#: (docs/reliability.md, finding 7); ``bench/store_cache.py`` measures the write speed.
+SQLITE_CACHE_KIB = 512
+
+
 class AuditStore:
     """The audit store. Create with :meth:`open`, close with :meth:`close`."""
 
@@ -274,8 +281,12 @@ class AuditStore:
         self.dialect = engine.dialect.name
 
     @classmethod
-    async def open(cls, url: str, *, create: bool = True) -> AuditStore:
-        """Connect to the store at ``url`` and create its tables if missing."""
+    async def open(cls, url: str, *, create: bool = True,
+                   sqlite_cache_kib: int = SQLITE_CACHE_KIB) -> AuditStore:
+        """Connect to the store at ``url`` and create its tables if missing.
+
+        ``sqlite_cache_kib``: the page cache of each SQLite connection (zero: SQLite's
+        own default, about 2 MB); PostgreSQL ignores it."""
         try:
             parsed = make_url(url)
         except sa.exc.ArgumentError as exc:
@@ -303,6 +314,9 @@ class AuditStore:
                 cur.execute("PRAGMA journal_mode=WAL")
                 cur.execute("PRAGMA busy_timeout=30000")
                 cur.execute("PRAGMA synchronous=NORMAL")
+                if sqlite_cache_kib > 0:
+                    # Negative: a size in KiB rather than a number of pages.
+                    cur.execute(f"PRAGMA cache_size=-{int(sqlite_cache_kib)}")
                 cur.close()
 
         store = cls(engine)
