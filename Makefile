@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: setup demo test check bench bench-tables bench-digests bench-withdrawals bench-badinput faults soak kafka-start kafka-stop pg-start pg-stop clean
+.PHONY: setup demo test check bench bench-tables bench-digests bench-withdrawals bench-badinput bench-store-cache faults soak kafka-start kafka-stop pg-start pg-stop clean
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11+ is required"'
@@ -63,6 +63,9 @@ bench-withdrawals: setup
 
 bench-badinput: setup
 	$(BIN)/python bench/badinput.py
+
+bench-store-cache: setup
+	$(BIN)/python bench/store_cache.py
 
 clean:
 	rm -rf var .pytest_cache .mypy_cache .ruff_cache

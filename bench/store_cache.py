@@ -8,12 +8,13 @@ A store is first filled with ``N`` declarations' trails as a worker writes them 
 declaration received and normalized, four deliveries planned, attempted and
 delivered: 14 events). Then, for each cache size, a copy of that database is opened
 by a process of its own, which appends ``M`` more batches the way the worker's
-projector does at 10 declarations/s (one batch every 0.1 s: one declaration's first
-events and the attempts and deliveries of the one before it in the same partition),
-one append at a time (the projector is one actor), and reports the events stored per second and SQLite's own
-memory count (``sqlite3_memory_used``) at the end. Sizes are measured in alternating
-order for ``R`` rounds; the figures are medians, and write speed is given as a ratio
-to SQLite's default cache measured in the same run. Results:
+projector does at 10 declarations/s: one batch every 0.1 s, holding one declaration's
+first events and the attempts and deliveries of the one before it in the same
+partition, one append at a time (the projector is one actor, so the pool hands it the
+same connection and its cache lives on). It reports the events stored per second and
+SQLite's own memory count (``sqlite3_memory_used``) at the end. Sizes are measured in
+alternating order for ``R`` rounds; the figures are medians, and write speed is given
+as a ratio to the first size (SQLite's default) measured in the same run. Results:
 ``bench/results/store_cache.json``.
 """
 

@@ -9,13 +9,14 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 
 from notice_relay.audit.events import audit_event
 from notice_relay.audit.projection import next_state
-from notice_relay.audit.store import AuditStore, events
+from notice_relay.audit.store import SQLITE_CACHE_KIB, AuditStore, events
 from notice_relay.errors import StoreError
 from notice_relay.models import Actor, ActorKind, AuditEvent, AuditType, DeliveryState
 
@@ -328,3 +329,25 @@ async def test_the_auditors_deliveries_query_uses_its_index(store: AuditStore) -
     await seed(store, 5000)
     lines = await plan(store)
     assert uses_index(lines), f"{INDEX} not used:\n" + "\n".join(lines)
+
+
+async def test_every_sqlite_connection_gets_the_bounded_page_cache(tmp_path: Path) -> None:
+    """Each connection of the pool, not only the first, runs with the store's page cache
+    (512 KiB); zero leaves SQLite's own default."""
+    async def cache_sizes(store: AuditStore) -> list[int]:
+        async with store.engine.connect() as a, store.engine.connect() as b, \
+                store.engine.connect() as c:
+            return [(await conn.execute(sa.text("PRAGMA cache_size"))).scalar_one()
+                    for conn in (a, b, c)]
+
+    store = await AuditStore.open(f"sqlite+aiosqlite:///{tmp_path / 'a.db'}")
+    try:
+        assert SQLITE_CACHE_KIB == 512
+        assert await cache_sizes(store) == [-512] * 3
+    finally:
+        await store.close()
+    store = await AuditStore.open(f"sqlite+aiosqlite:///{tmp_path / 'b.db'}", sqlite_cache_kib=0)
+    try:
+        assert await cache_sizes(store) == [-2000] * 3
+    finally:
+        await store.close()

@@ -15,7 +15,10 @@ Every ``PROBE_EVERY`` seconds (default 300) a thread appends one JSON line to
 
 Nothing here pauses the worker beyond a few milliseconds per sample.
 
-    PYTHONPATH=scripts/memprobe PROBE_DIR=/tmp/p python scripts/soak.py --minutes 75 --rate 10
+    PYTHONPATH=$PWD/scripts/memprobe PROBE_DIR=$PWD/var/probe python scripts/soak.py --minutes 75
+
+Both paths absolute: the worker runs in a directory of its own, where relative ones
+would point nowhere (the probe then writes nothing).
 """
 
 from __future__ import annotations
