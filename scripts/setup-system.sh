@@ -3,7 +3,8 @@
 # missing: a Compose implementation (to validate docker-compose.yml), Java 17 (for the
 # local Kafka broker) and PostgreSQL (the audit store's tests run against a real
 # server, which scripts/localpg.py starts; only the binaries are needed, the
-# package's own cluster is never used).
+# package's own cluster is never used), and jemalloc, the allocator the worker runs on
+# when it is installed (notice_relay.memory).
 set -euo pipefail
 
 need=()
@@ -20,6 +21,10 @@ fi
 if ! compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null && ! command -v pg_ctl >/dev/null 2>&1 \
     && [ -z "${NOTICE_RELAY_PG_BINDIR:-}" ] && [ -z "${NOTICE_RELAY_TEST_POSTGRES_URL:-}" ]; then
   need+=(postgresql)
+fi
+if ! compgen -G '/usr/lib/*/libjemalloc.so.2' >/dev/null && ! compgen -G '/usr/lib*/libjemalloc.so.2' >/dev/null \
+    && [ -z "${NOTICE_RELAY_JEMALLOC:-}" ]; then
+  need+=(libjemalloc2)
 fi
 if [ ${#need[@]} -eq 0 ]; then
   exit 0

@@ -195,6 +195,7 @@ async def main_async(args: argparse.Namespace) -> int:
         await harness.start_kafka()
         relay = faultlib.Relay(work / "relay", harness.bootstrap)
         relay.env["NOTICE_RELAY_TABLE_STORE"] = args.table_store
+        relay.env.update(args.worker_env)
         developers = await faultlib.Developers(relay, harness.ca_file).start()
         worker = faultlib.Worker(relay)
         load = faultlib.Load(relay, args.rate, tag="soak")
@@ -283,6 +284,7 @@ async def main_async(args: argparse.Namespace) -> int:
     summary = {
         "started_at": started.isoformat(), "minutes": args.minutes, "rate": args.rate,
         "table_store": args.table_store,
+        "worker_env": dict(args.worker_env),
         "interval_s": args.interval, "warmup_s": warmup, "samples": len(samples),
         "command": "make soak  # python " + " ".join(sys.argv),
         "published": len(load.published), "expected": tally.expected,
@@ -334,6 +336,13 @@ async def main_async(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def _assignment(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    return name, value
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse the options and run the soak."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -342,6 +351,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--interval", type=float, default=5.0, help="seconds between samples")
     p.add_argument("--table-store", choices=("rocksdb", "memory"), default="rocksdb",
                    help="the worker's table store (NOTICE_RELAY_TABLE_STORE)")
+    p.add_argument("--worker-env", type=_assignment, action="append", default=[],
+                   metavar="NAME=VALUE",
+                   help="an environment variable for the worker (repeatable), e.g. "
+                        "NOTICE_RELAY_ALLOCATOR=glibc")
     p.add_argument("--plot", type=Path, default=faultlib.ROOT / "docs" / "img" / "soak.png",
                    help="where the PNG goes")
     args = p.parse_args(argv)

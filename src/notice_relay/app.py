@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import datetime, timedelta
@@ -709,10 +710,17 @@ def run_worker(settings: Settings, *, loglevel: str = "warning") -> None:
 
     heap = NativeHeap()
     # Before any thread allocates (ensure_topics' name lookups run in threads):
-    # notice_relay.memory, HeapLimits; docs/reliability.md, finding 7.
+    # notice_relay.memory, HeapLimits; docs/reliability.md, finding 7. Nothing to do
+    # under jemalloc.
     limited = heap.limit()
     if limited:
         log.debug("memory.limited", **limited)
+    if heap.allocator == "jemalloc":
+        log.info("memory.allocator", allocator="jemalloc",
+                 malloc_conf=os.environ.get("MALLOC_CONF", ""))
+    else:
+        # glibc chosen, or auto and jemalloc not installed (or its preload did not take)
+        log.info("memory.allocator", allocator=heap.allocator, chosen=settings.allocator)
     rt = Runtime.load(settings)
     rt.build_channels()
     asyncio.run(ensure_topics(settings))

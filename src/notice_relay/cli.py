@@ -315,6 +315,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _run_on_chosen_allocator(settings: Settings) -> None:
+    """Execute this command again with jemalloc preloaded when it should be and is not
+    yet (notice_relay.memory). Same process id, arguments and environment but for
+    the preload; only for a command run from the command line (``sys.orig_argv``)."""
+    from notice_relay.memory import allocator_environ
+
+    env = allocator_environ(settings.allocator)
+    if env is None:
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, sys.orig_argv, env)  # noqa: S606  # the same command, again
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``notice-relay`` console script."""
     from notice_relay.logs import configure
@@ -323,6 +337,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = Settings.from_env()
         configure(settings.log_format, settings.log_level)
+        if argv is None and args.func is cmd_worker:
+            _run_on_chosen_allocator(settings)
         code = int(args.func(args, settings))
     except KeyboardInterrupt:
         code = 130

@@ -65,6 +65,7 @@ def _env_float(name: str, default: float) -> float:
 
 
 TABLE_STORES = ("rocksdb", "memory")
+ALLOCATORS = ("auto", "jemalloc", "glibc")
 
 
 def _env_choice(name: str, default: str, choices: tuple[str, ...]) -> str:
@@ -101,6 +102,9 @@ class Settings:
     #: How often a worker gives the C allocator's free pages back to the system
     #: (:mod:`notice_relay.memory`); zero: never.
     malloc_trim_interval: timedelta = timedelta(seconds=60)
+    #: The worker's memory allocator (:mod:`notice_relay.memory`): ``auto`` (jemalloc
+    #: when installed, else glibc's), ``jemalloc`` (required) or ``glibc``.
+    allocator: str = "auto"
     #: How long a worker's stop may take before the process ends regardless
     #: (:mod:`notice_relay.stopping`); zero: no limit.
     stop_timeout: timedelta = timedelta(seconds=30)
@@ -156,6 +160,7 @@ class Settings:
                 "NOTICE_RELAY_TABLE_MEMORY_MIB", d.table_memory_mib)),
             malloc_trim_interval=_env_duration("NOTICE_RELAY_MALLOC_TRIM_INTERVAL",
                                                d.malloc_trim_interval),
+            allocator=_env_choice("NOTICE_RELAY_ALLOCATOR", d.allocator, ALLOCATORS),
             stop_timeout=_env_duration("NOTICE_RELAY_STOP_TIMEOUT", d.stop_timeout),
             deliver_batch=_env_int("NOTICE_RELAY_DELIVER_BATCH", d.deliver_batch),
             deliver_batch_wait=_env_float("NOTICE_RELAY_DELIVER_BATCH_WAIT", d.deliver_batch_wait),

@@ -26,16 +26,33 @@ heap. And glibc gives each thread that allocates its own heap, up to eight per c
 stops glibc raising the thresholds, unless the operator set them with glibc's own
 variables (``MALLOC_ARENA_MAX``, ``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``
 or ``GLIBC_TUNABLES``).
+
+What remains with glibc is fragmentation: free memory scattered through the heaps in
+pieces smaller than a page, which no trim can return, and which grew by about 1 MiB an
+hour in a two-hour soak. jemalloc packs blocks of one size class together and returns
+the pages that fall empty after a delay of its own (*decay*), from a thread of its own.
+The worker runs on it when it is installed (Debian's ``libjemalloc2``;
+``scripts/setup-system.sh`` and the Dockerfile install it): :func:`allocator_environ`
+gives the environment to execute the worker again in, with the library preloaded
+(``LD_PRELOAD``) and :data:`JEMALLOC_CONF` unless the operator set ``MALLOC_CONF``.
+``NOTICE_RELAY_ALLOCATOR`` chooses: ``auto`` (jemalloc when found), ``jemalloc``
+(required: a worker without it does not start) or ``glibc``. Under jemalloc the trim
+and the limits above do nothing and are skipped.
 """
 
 from __future__ import annotations
 
 import ctypes
+import ctypes.util
 import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+
+from notice_relay.config import ALLOCATORS
+from notice_relay.errors import ConfigError
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
@@ -43,6 +60,25 @@ _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
 M_ARENA_MAX = -8
+
+#: jemalloc's settings for the worker, unless the operator sets ``MALLOC_CONF``: two
+#: arenas, as with glibc (HeapLimits); pages unused for a second go back to the
+#: system (``dirty_decay_ms``) at once rather than through a second, lazy stage
+#: (``muzzy_decay_ms``), by a background thread, so also while the worker is idle.
+JEMALLOC_CONF = "background_thread:true,narenas:2,dirty_decay_ms:1000,muzzy_decay_ms:0"
+
+#: Where Debian, Ubuntu, Fedora, Alpine and Homebrew-on-Linux put the library.
+JEMALLOC_PATHS = (
+    "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2",
+    "/usr/lib/aarch64-linux-gnu/libjemalloc.so.2",
+    "/usr/lib64/libjemalloc.so.2",
+    "/usr/lib/libjemalloc.so.2",
+    "/usr/local/lib/libjemalloc.so.2",
+)
+
+#: Set in the environment of the worker executed again, so that it does not loop
+#: when the preload did not take (a setuid binary, a library that failed to load).
+REEXEC_MARK = "NOTICE_RELAY_ALLOCATOR_EXECUTED"
 
 
 @dataclass(frozen=True)
@@ -94,12 +130,85 @@ class Trim:
     released: int | None  # bytes; None when the resident size cannot be read
 
 
+def loaded_allocator() -> str:
+    """The allocator this process runs on: ``jemalloc`` (its ``mallctl`` is among the
+    loaded symbols), ``glibc`` (``malloc_trim`` is) or ``other``."""
+    try:
+        process = ctypes.CDLL(None)
+    except OSError:
+        return "other"
+    if hasattr(process, "mallctl"):
+        return "jemalloc"
+    if hasattr(process, "malloc_trim"):
+        return "glibc"
+    return "other"
+
+
+def find_jemalloc(environ: Mapping[str, str] = os.environ) -> Path | None:
+    """The jemalloc shared library: ``NOTICE_RELAY_JEMALLOC`` when set (it must exist),
+    else the first of :data:`JEMALLOC_PATHS` that does, else the linker's cache."""
+    given = environ.get("NOTICE_RELAY_JEMALLOC")
+    if given:
+        path = Path(given)
+        if not path.is_file():
+            raise ConfigError(f"NOTICE_RELAY_JEMALLOC: no such file: {given}")
+        return path
+    for candidate in JEMALLOC_PATHS:
+        if os.path.isfile(candidate):
+            return Path(candidate)
+    # A soname ("libjemalloc.so.2"), which LD_PRELOAD looks up as the linker does.
+    name = ctypes.util.find_library("jemalloc")  # runs ldconfig -p: only when not found above
+    return Path(name) if name else None
+
+
+def allocator_environ(choice: str, environ: Mapping[str, str] = os.environ,
+                      loaded: str | None = None) -> dict[str, str] | None:
+    """The environment in which to execute the worker again so that jemalloc is its
+    allocator, or None to go on in this process as it is.
+
+    None when ``choice`` is ``glibc``, when jemalloc is already loaded, when this
+    process is already the one executed again (:data:`REEXEC_MARK`), or, for
+    ``auto``, when jemalloc is not installed. :class:`ConfigError` when ``choice`` is
+    ``jemalloc`` and it cannot be had."""
+    if choice not in ALLOCATORS:
+        raise ConfigError(
+            f"NOTICE_RELAY_ALLOCATOR must be one of {', '.join(ALLOCATORS)}, not {choice!r}")
+    if choice == "glibc":
+        return None
+    loaded = loaded or loaded_allocator()
+    if loaded == "jemalloc":
+        return None
+    if REEXEC_MARK in environ:
+        if choice == "jemalloc":
+            raise ConfigError("NOTICE_RELAY_ALLOCATOR=jemalloc: the library was preloaded "
+                              f"({environ.get('LD_PRELOAD', '')}) but is not in use")
+        return None
+    library = find_jemalloc(environ)
+    if library is None:
+        if choice == "jemalloc":
+            raise ConfigError("NOTICE_RELAY_ALLOCATOR=jemalloc: libjemalloc.so.2 not found "
+                              "(install libjemalloc2, or set NOTICE_RELAY_JEMALLOC)")
+        return None
+    env = dict(environ)
+    preload = env.get("LD_PRELOAD", "").strip()
+    # First, so that its malloc and free are the ones every library links to.
+    env["LD_PRELOAD"] = f"{library} {preload}".strip()
+    env.setdefault("MALLOC_CONF", JEMALLOC_CONF)
+    env[REEXEC_MARK] = "1"
+    return env
+
+
 class NativeHeap:
-    """The C library's allocator, when it is glibc's."""
+    """The C library's allocator, when it is glibc's. Under jemalloc (preloaded, so
+    ``malloc_trim`` and ``mallopt`` still resolve, to glibc's unused allocator) it
+    does nothing: :attr:`allocator` says which one runs."""
 
     def __init__(self) -> None:
         self._trim: Any = None
         self._mallopt: Any = None
+        self.allocator = loaded_allocator()
+        if self.allocator != "glibc":
+            return
         try:
             # The symbols already loaded into this process, libc's among them: no
             # library search (``ctypes.util.find_library`` runs ldconfig) at start-up.
