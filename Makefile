@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: setup demo test check bench bench-tables bench-digests bench-withdrawals bench-badinput bench-store-cache faults soak kafka-start kafka-stop pg-start pg-stop clean
+.PHONY: setup demo test check bench bench-allocators bench-tables bench-digests bench-withdrawals bench-badinput bench-store-cache faults soak kafka-start kafka-stop pg-start pg-stop clean
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11+ is required"'
@@ -51,6 +51,9 @@ pg-stop:
 
 bench: setup
 	$(BIN)/python bench/run.py
+
+bench-allocators: setup
+	$(BIN)/python bench/run.py --phases baseline,allocators --out bench/results/allocators.json
 
 bench-tables: setup
 	$(BIN)/python bench/tables.py

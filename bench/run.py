@@ -15,7 +15,9 @@ Phases (each figure from a real run; nothing is mocked):
 4. growth: 1 / 10 / 100 developers; worker RSS idle and with a backlog of pending
    deliveries; the auditor's filtered deliveries query on 1,000,000 rows, SQLite and
    PostgreSQL, with its EXPLAIN plan;
-5. the webhook channel's HTTP client: httpx, httpx over httpx-aiohttp, aiohttp.
+5. the webhook channel's HTTP client: httpx, httpx over httpx-aiohttp, aiohttp;
+6. the worker's allocator (``--phases allocators``, ``make bench-allocators``): glibc's
+   against jemalloc (``NOTICE_RELAY_ALLOCATOR``), runs alternating, medians compared.
 
 Throughput windows: the consumer (baseline process or relay worker) is started and
 warmed up first (connections open, partitions assigned), then frozen with SIGSTOP
@@ -338,8 +340,8 @@ class Bench:
 
     # ------------------------------------------------------------------ relay
 
-    def relay_env(self, root: Path, n_devs: int, http_client: str) -> tuple[dict[str, str],
-                                                                             Settings]:
+    def relay_env(self, root: Path, n_devs: int, http_client: str,
+                  allocator: str | None = None) -> tuple[dict[str, str], Settings]:
         """The environment of a relay worker with ``n_devs`` webhook developers."""
         devs = common.developer_ids(n_devs)
         secrets_env = common.write_registry(root, {d: self.secrets[d] for d in devs},
@@ -361,6 +363,8 @@ class Bench:
             "NOTICE_RELAY_TABLE_STORE": self.args.table_store,
             **secrets_env,
         })
+        if allocator:
+            env["NOTICE_RELAY_ALLOCATOR"] = allocator
         settings = Settings(kafka_bootstrap=self.node.bootstrap, topic_prefix=prefix,
                             app_id=app_id, partitions=PARTITIONS, database_url=db)
         return env, settings
@@ -438,13 +442,13 @@ class Bench:
 
     async def relay(self, label: str, n_decl: int, n_devs: int, *,
                     http_client: str = DEFAULT_CLIENT, rate: float | None = None,
-                    duration: float = 0.0,
+                    duration: float = 0.0, allocator: str | None = None,
                     profile: str | None = None) -> dict[str, Any]:
         """One relay run: throughput (rate None) or latency at ``rate`` declarations/s."""
         run = uuid.uuid4().hex[:8]
         root = self.work / f"relay-{label}-{run}"
         root.mkdir(parents=True)
-        env, settings = self.relay_env(root, n_devs, http_client)
+        env, settings = self.relay_env(root, n_devs, http_client, allocator)
         topics = Topics.from_settings(settings)
         await self.prepare_topics(settings)
         devs = common.developer_ids(n_devs)
@@ -492,7 +496,8 @@ class Bench:
                 s = await self.stats()
                 elapsed = t_end - t0
                 return {"label": label, "developers": n_devs, "declarations": n_decl,
-                        "http_client": http_client, "workers": n_workers, "deliveries": total,
+                        "http_client": http_client, "allocator": allocator or "auto",
+                        "workers": n_workers, "deliveries": total,
                         "table_store": self.args.table_store,
                         "seconds": round(elapsed, 3),
                         "deliveries_per_s": round(total / elapsed, 1),
@@ -681,12 +686,14 @@ def ratio(a: float | None, b: float | None) -> float | None:
 def table(res: dict[str, Any]) -> str:
     """The one table of figures, baselines and ratios."""
     rows: list[tuple[str, Any, Any, Any, str]] = []
-    b, r = res["baseline"]["best"], res["relay"]
-    rows.append(("deliveries/s (10 developers)", r["deliveries_per_s"],
-                 b["deliveries_per_s"], ratio(r["deliveries_per_s"], b["deliveries_per_s"]),
-                 "ratio >= 0.8"))
-    rows.append(("worker CPU s / 1,000 deliveries", r["cpu_s_per_1000"], b["cpu_s_per_1000"],
-                 ratio(r["cpu_s_per_1000"], b["cpu_s_per_1000"]), ""))
+    b = res["baseline"]["best"]
+    r = res.get("relay")
+    if r:
+        rows.append(("deliveries/s (10 developers)", r["deliveries_per_s"],
+                     b["deliveries_per_s"], ratio(r["deliveries_per_s"], b["deliveries_per_s"]),
+                     "ratio >= 0.8"))
+        rows.append(("worker CPU s / 1,000 deliveries", r["cpu_s_per_1000"],
+                     b["cpu_s_per_1000"], ratio(r["cpu_s_per_1000"], b["cpu_s_per_1000"]), ""))
     for c in res["baseline"]["runs"]:
         rows.append((f"  baseline at {c['concurrency']} in flight (deliveries/s)", "",
                      c["deliveries_per_s"], "", ""))
@@ -708,6 +715,15 @@ def table(res: dict[str, Any]) -> str:
                      c["deliveries_per_s"], b["deliveries_per_s"],
                      ratio(c["deliveries_per_s"], b["deliveries_per_s"]),
                      f"CPU s/1000: {c['cpu_s_per_1000']}"))
+    al = res.get("allocators")
+    if al:
+        g, j = al["glibc"], al["jemalloc"]
+        for key, name in (("deliveries_per_s", "deliveries/s"),
+                          ("cpu_s_per_1000", "CPU s / 1,000 deliveries"),
+                          ("rss_peak_mib", "peak RSS MiB")):
+            rows.append((f"allocator jemalloc vs glibc: {name}", j[key], g[key],
+                         ratio(j[key], g[key]),
+                         f"medians of {al['rounds']} runs each, alternating"))
     bl = res.get("backlog")
     if bl:
         rows.append((f"worker RSS MiB, backlog {bl['backlog_tasks']:,} vs idle",
@@ -786,6 +802,20 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                 res["clients"].append(await bench.relay(f"client-{kind}", n_cli, 10,
                                                         http_client=kind))
                 log(f"  {res['clients'][-1]['deliveries_per_s']} deliveries/s")
+        if "allocators" in phases:
+            n_al = args.client_declarations or (100 if q else 500)
+            rounds = 2 if q else 3
+            alloc_runs: dict[str, list[dict[str, Any]]] = {"glibc": [], "jemalloc": []}
+            for r in range(rounds):
+                for kind in (("glibc", "jemalloc") if r % 2 == 0 else ("jemalloc", "glibc")):
+                    log(f"allocator {kind}, round {r + 1}: {n_al:,} declarations x 10 developers")
+                    alloc_runs[kind].append(await bench.relay(f"alloc-{kind}", n_al, 10,
+                                                              allocator=kind))
+                    log(f"  {alloc_runs[kind][-1]['deliveries_per_s']} deliveries/s")
+            res["allocators"] = {"rounds": rounds, "runs": alloc_runs, **{
+                kind: {key: statistics.median(x[key] for x in got)
+                       for key in ("deliveries_per_s", "cpu_s_per_1000", "rss_peak_mib")}
+                for kind, got in alloc_runs.items()}}
         if "backlog" in phases:
             size = args.backlog or (20_000 if q else 1_000_000)
             log(f"backlog: worker RSS idle and with {size:,} pending deliveries")
@@ -842,7 +872,7 @@ def main() -> int:
     res["machine"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(res, indent=2) + "\n")
-    if "baseline" in res and "relay" in res:
+    if "baseline" in res:
         text = table(res)
         print(text)
         args.out.with_suffix(".txt").write_text(text + "\n")
