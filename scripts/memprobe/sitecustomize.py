@@ -7,7 +7,9 @@ Every ``PROBE_EVERY`` seconds (default 300) a thread appends one JSON line to
 ``$PROBE_DIR/malloc-<minute>.xml``. Each line holds:
 
 - the process's RSS (``/proc/self/status``),
-- glibc's ``mallinfo2`` (mapped, in use, free, mapped on their own),
+- glibc's ``mallinfo2`` (mapped, in use, free, mapped on their own), or, when the
+  worker runs on jemalloc, its ``stats.*`` (allocated, active, resident, mapped,
+  retained, metadata) through ``mallctl``,
 - CPython's allocator (``sys._debugmallocstats``: arenas, bytes of live objects),
 - ``sqlite3_memory_used`` of the system SQLite, which Python's ``sqlite3`` uses,
 - the usage of the worker's RocksDB cache (``notice_relay.tablestore``),
@@ -64,6 +66,29 @@ def _start() -> None:
         sqlite.sqlite3_memory_used.restype = ctypes.c_int64
     except OSError:
         sqlite = None
+    process = ctypes.CDLL(None)
+    mallctl = getattr(process, "mallctl", None)
+    if mallctl is not None:
+        mallctl.argtypes = [ctypes.c_char_p, ctypes.c_void_p, ctypes.c_void_p,
+                            ctypes.c_void_p, ctypes.c_size_t]
+        mallctl.restype = ctypes.c_int
+
+    def jemalloc() -> dict[str, int]:
+        if mallctl is None:
+            return {}
+        epoch = ctypes.c_uint64(1)
+        size = ctypes.c_size_t(8)
+        # a new epoch refreshes the statistics
+        mallctl(b"epoch", ctypes.byref(epoch), ctypes.byref(size), ctypes.byref(epoch), 8)
+        got: dict[str, int] = {}
+        for name in ("allocated", "active", "resident", "mapped", "retained", "metadata"):
+            value = ctypes.c_size_t(0)
+            size = ctypes.c_size_t(ctypes.sizeof(value))
+            if mallctl(f"stats.{name}".encode(), ctypes.byref(value), ctypes.byref(size),
+                       None, 0) == 0:
+                got[f"je_{name}"] = value.value
+        return got
+
     keys = ("# arenas allocated current", "# bytes in allocated blocks",
             "# bytes in available blocks", "Total")
 
@@ -108,6 +133,7 @@ def _start() -> None:
             rec["rocks"] = [[m, c.get_usage(), c.get_pinned_usage()]
                             for m, (c, _w) in tables._budgets.items()]
         rec.update(pymalloc())
+        rec.update(jemalloc())
         counts = Counter(type(o).__qualname__ for o in gc.get_objects())
         rec["gc_objects"] = sum(counts.values())
         rec["gc_top"] = counts.most_common(60)
