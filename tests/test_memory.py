@@ -277,9 +277,9 @@ def test_a_missing_library_named_by_the_operator_is_an_error() -> None:
 
 def test_allocator_setting(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("NOTICE_RELAY_ALLOCATOR", raising=False)
-    assert Settings.from_env().allocator == "auto"
-    monkeypatch.setenv("NOTICE_RELAY_ALLOCATOR", "glibc")
     assert Settings.from_env().allocator == "glibc"
+    monkeypatch.setenv("NOTICE_RELAY_ALLOCATOR", "auto")
+    assert Settings.from_env().allocator == "auto"
     monkeypatch.setenv("NOTICE_RELAY_ALLOCATOR", "tcmalloc")
     with pytest.raises(ConfigError, match=r"NOTICE_RELAY_ALLOCATOR must be one of auto, "
                                           r"jemalloc, glibc, not 'tcmalloc'"):

@@ -12,7 +12,9 @@ Every ``PROBE_EVERY`` seconds (default 300) a thread appends one JSON line to
   retained, metadata) through ``mallctl``,
 - CPython's allocator (``sys._debugmallocstats``: arenas, bytes of live objects),
 - ``sqlite3_memory_used`` of the system SQLite, which Python's ``sqlite3`` uses,
-- the usage of the worker's RocksDB cache (``notice_relay.tablestore``),
+- the usage of the worker's RocksDB cache (``notice_relay.tablestore``), and, summed
+  over its open databases, what RocksDB holds outside it (table readers, memtables)
+  and how many files and keys the tables have,
 - the count of objects the collector tracks, by type (top 60).
 
 Nothing here pauses the worker beyond a few milliseconds per sample.
@@ -89,6 +91,24 @@ def _start() -> None:
                 got[f"je_{name}"] = value.value
         return got
 
+    rocks_props = ("estimate-table-readers-mem", "cur-size-all-mem-tables",
+                   "num-live-versions", "live-sst-files-size", "estimate-num-keys")
+
+    def rocksdb() -> dict[str, int]:
+        tables = sys.modules.get("notice_relay.tablestore")
+        if tables is None:
+            return {}
+        got = {f"rocks_{p}": 0 for p in rocks_props}
+        got["rocks_dbs"] = 0
+        for o in gc.get_objects():
+            if isinstance(o, tables.Store):
+                for db in list(o._dbs.values()):
+                    got["rocks_dbs"] += 1
+                    for p in rocks_props:
+                        value = db.property_int_value(f"rocksdb.{p}")
+                        got[f"rocks_{p}"] += value or 0
+        return got
+
     keys = ("# arenas allocated current", "# bytes in allocated blocks",
             "# bytes in available blocks", "Total")
 
@@ -134,6 +154,7 @@ def _start() -> None:
                             for m, (c, _w) in tables._budgets.items()]
         rec.update(pymalloc())
         rec.update(jemalloc())
+        rec.update(rocksdb())
         counts = Counter(type(o).__qualname__ for o in gc.get_objects())
         rec["gc_objects"] = sum(counts.values())
         rec["gc_top"] = counts.most_common(60)

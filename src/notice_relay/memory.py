@@ -27,17 +27,17 @@ stops glibc raising the thresholds, unless the operator set them with glibc's ow
 variables (``MALLOC_ARENA_MAX``, ``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``
 or ``GLIBC_TUNABLES``).
 
-What remains with glibc is fragmentation: free memory scattered through the heaps in
-pieces smaller than a page, which no trim can return, and which grew by about 1 MiB an
-hour in a two-hour soak. jemalloc packs blocks of one size class together and returns
-the pages that fall empty after a delay of its own (*decay*), from a thread of its own.
-The worker runs on it when it is installed (Debian's ``libjemalloc2``;
-``scripts/setup-system.sh`` and the Dockerfile install it): :func:`allocator_environ`
-gives the environment to execute the worker again in, with the library preloaded
-(``LD_PRELOAD``) and :data:`JEMALLOC_CONF` unless the operator set ``MALLOC_CONF``.
-``NOTICE_RELAY_ALLOCATOR`` chooses: ``auto`` (jemalloc when found), ``jemalloc``
-(required: a worker without it does not start) or ``glibc``. Under jemalloc the trim
-and the limits above do nothing and are skipped.
+jemalloc is the other choice (Debian's ``libjemalloc2``; ``scripts/setup-system.sh``
+and the Dockerfile install it): it packs blocks of one size class together and returns
+the pages that fall empty after a delay (*decay*), from a thread of its own.
+``NOTICE_RELAY_ALLOCATOR`` chooses: ``glibc`` (the default), ``jemalloc`` (required: a
+worker without it does not start) or ``auto`` (jemalloc when found).
+:func:`allocator_environ` gives the environment to execute the worker again in, with
+the library preloaded (``LD_PRELOAD``) and :data:`JEMALLOC_CONF` unless the operator
+set ``MALLOC_CONF``. Under jemalloc the trim and the limits above do nothing and are
+skipped. glibc's stays the default because a two-hour soak on jemalloc (2026-12-05)
+held 5-6 MiB more and rose just as fast, +1.1 MiB/h (docs/reliability.md, finding 7):
+what still rises is not the allocator's free memory.
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ M_ARENA_MAX = -8
 #: (``muzzy_decay_ms``), by a background thread, so also while the worker is idle.
 JEMALLOC_CONF = "background_thread:true,narenas:2,dirty_decay_ms:1000,muzzy_decay_ms:0"
 
-#: Where Debian, Ubuntu, Fedora, Alpine and Homebrew-on-Linux put the library.
+#: Where Debian, Ubuntu, Fedora and Alpine put the library.
 JEMALLOC_PATHS = (
     "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2",
     "/usr/lib/aarch64-linux-gnu/libjemalloc.so.2",
