@@ -94,13 +94,13 @@ def _start() -> None:
     rocks_props = ("estimate-table-readers-mem", "cur-size-all-mem-tables",
                    "num-live-versions", "live-sst-files-size", "estimate-num-keys")
 
-    def rocksdb() -> dict[str, int]:
+    def rocksdb(objects: list[object]) -> dict[str, int]:
         tables = sys.modules.get("notice_relay.tablestore")
         if tables is None:
             return {}
         got = {f"rocks_{p}": 0 for p in rocks_props}
         got["rocks_dbs"] = 0
-        for o in gc.get_objects():
+        for o in objects:
             if isinstance(o, tables.Store):
                 for db in list(o._dbs.values()):
                     got["rocks_dbs"] += 1
@@ -154,8 +154,9 @@ def _start() -> None:
                             for m, (c, _w) in tables._budgets.items()]
         rec.update(pymalloc())
         rec.update(jemalloc())
-        rec.update(rocksdb())
-        counts = Counter(type(o).__qualname__ for o in gc.get_objects())
+        objects = gc.get_objects()
+        rec.update(rocksdb(objects))
+        counts = Counter(type(o).__qualname__ for o in objects)
         rec["gc_objects"] = sum(counts.values())
         rec["gc_top"] = counts.most_common(60)
         fp = libc.fopen(f"{out}/malloc-{minute:06.1f}.xml".encode(), b"w")

@@ -715,12 +715,9 @@ def run_worker(settings: Settings, *, loglevel: str = "warning") -> None:
     limited = heap.limit()
     if limited:
         log.debug("memory.limited", **limited)
-    if heap.allocator == "jemalloc":
-        log.info("memory.allocator", allocator="jemalloc",
-                 malloc_conf=os.environ.get("MALLOC_CONF", ""))
-    else:
-        # glibc chosen, or auto and jemalloc not installed (or its preload did not take)
-        log.info("memory.allocator", allocator=heap.allocator, chosen=settings.allocator)
+    log.info("memory.allocator", allocator=heap.allocator, chosen=settings.allocator,
+             malloc_conf=os.environ.get("MALLOC_CONF", "") if heap.allocator == "jemalloc"
+             else None)
     rt = Runtime.load(settings)
     rt.build_channels()
     asyncio.run(ensure_topics(settings))

@@ -51,7 +51,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from notice_relay.config import ALLOCATORS
 from notice_relay.errors import ConfigError
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
@@ -169,10 +168,8 @@ def allocator_environ(choice: str, environ: Mapping[str, str] = os.environ,
     None when ``choice`` is ``glibc``, when jemalloc is already loaded, when this
     process is already the one executed again (:data:`REEXEC_MARK`), or, for
     ``auto``, when jemalloc is not installed. :class:`ConfigError` when ``choice`` is
-    ``jemalloc`` and it cannot be had."""
-    if choice not in ALLOCATORS:
-        raise ConfigError(
-            f"NOTICE_RELAY_ALLOCATOR must be one of {', '.join(ALLOCATORS)}, not {choice!r}")
+    ``jemalloc`` and it cannot be had. ``choice`` is one of ``config.ALLOCATORS``, as
+    :class:`~notice_relay.config.Settings` checked it."""
     if choice == "glibc":
         return None
     loaded = loaded or loaded_allocator()
