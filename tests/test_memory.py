@@ -3,6 +3,7 @@ middle of a thread's heap stay resident until ``malloc_trim`` hands them back.""
 
 from __future__ import annotations
 
+import base64
 import ctypes
 import os
 import platform
@@ -368,7 +369,10 @@ def test_under_jemalloc_the_pages_freed_go_back_without_a_trim() -> None:
 def test_the_worker_runs_on_jemalloc_when_installed_unless_told_glibc(
         relay_env: Env) -> None:
     _installed_jemalloc()
+    # a registry that loads: the worker must stay up while its memory map is read
     relay_env.write_publishers("artfolio")
+    relay_env.add_webhook_developer("acme-ai", "http://127.0.0.1:9/hook",
+                                    "whsec_" + base64.b64encode(b"k" * 24).decode())
     runs = {}
     for name, choice in (("auto", "auto"), ("glibc", "glibc")):
         worker = WorkerProcess(relay_env, name, loglevel="info",
