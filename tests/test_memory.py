@@ -3,7 +3,6 @@ middle of a thread's heap stay resident until ``malloc_trim`` hands them back.""
 
 from __future__ import annotations
 
-import base64
 import ctypes
 import os
 import platform
@@ -15,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from conftest import Env, WorkerProcess, wait_until
+from relay_helpers import whsec
 
 from notice_relay.config import Settings
 from notice_relay.errors import ConfigError
@@ -371,8 +371,7 @@ def test_the_worker_runs_on_jemalloc_when_installed_unless_told_glibc(
     _installed_jemalloc()
     # a registry that loads: the worker must stay up while its memory map is read
     relay_env.write_publishers("artfolio")
-    relay_env.add_webhook_developer("acme-ai", "http://127.0.0.1:9/hook",
-                                    "whsec_" + base64.b64encode(b"k" * 24).decode())
+    relay_env.add_webhook_developer("acme-ai", "http://127.0.0.1:9/hook", whsec())
     runs = {}
     for name, choice in (("auto", "auto"), ("glibc", "glibc")):
         worker = WorkerProcess(relay_env, name, loglevel="info",
