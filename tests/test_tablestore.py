@@ -99,3 +99,22 @@ def test_the_budget_is_a_setting(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("NOTICE_RELAY_TABLE_MEMORY_MIB", "lots")
     with pytest.raises(ConfigError, match="must be an integer, not 'lots'"):
         Settings.from_env()
+
+
+async def test_the_worker_tables_stores_can_be_found_and_are_not_kept_alive(
+    tmp_path: Path,
+) -> None:
+    # The worker freezes its startup objects out of the collector's sight, so a
+    # diagnostic (scripts/memprobe) finds the stores through tablestore.STORES.
+    import gc
+
+    from notice_relay.app import create_app
+
+    app = create_app(Settings(data_dir=tmp_path))
+    stores = [app.tables[name].data for name in ("declarations-seen", "artist-versions")]
+    assert all(isinstance(s, tablestore.Store) for s in stores)
+    assert {id(s) for s in stores} <= set(tablestore.STORES)
+    ids = [id(s) for s in stores]
+    del stores, app
+    gc.collect()
+    assert not set(ids) & set(tablestore.STORES)

@@ -15,7 +15,9 @@ Every ``PROBE_EVERY`` seconds (default 300) a thread appends one JSON line to
 - the usage of the worker's RocksDB cache (``notice_relay.tablestore``), and, summed
   over its open databases, what RocksDB holds outside it (table readers, memtables)
   and how many files and keys the tables have,
-- the count of objects the collector tracks, by type (top 60).
+- the count of objects the collector tracks, by type (top 60): the worker freezes what
+  exists once it is up (``gc.freeze``), so these are the objects made since, which
+  is where a leak of Python objects shows.
 
 Nothing here pauses the worker beyond a few milliseconds per sample.
 
@@ -94,19 +96,18 @@ def _start() -> None:
     rocks_props = ("estimate-table-readers-mem", "cur-size-all-mem-tables",
                    "num-live-versions", "live-sst-files-size", "estimate-num-keys")
 
-    def rocksdb(objects: list[object]) -> dict[str, int]:
+    def rocksdb() -> dict[str, int]:
         tables = sys.modules.get("notice_relay.tablestore")
         if tables is None:
             return {}
         got = {f"rocks_{p}": 0 for p in rocks_props}
         got["rocks_dbs"] = 0
-        for o in objects:
-            if isinstance(o, tables.Store):
-                for db in list(o._dbs.values()):
-                    got["rocks_dbs"] += 1
-                    for p in rocks_props:
-                        value = db.property_int_value(f"rocksdb.{p}")
-                        got[f"rocks_{p}"] += value or 0
+        for store in list(tables.STORES.values()):
+            for db in list(store._dbs.values()):
+                got["rocks_dbs"] += 1
+                for p in rocks_props:
+                    value = db.property_int_value(f"rocksdb.{p}")
+                    got[f"rocks_{p}"] += value or 0
         return got
 
     keys = ("# arenas allocated current", "# bytes in allocated blocks",
@@ -154,8 +155,8 @@ def _start() -> None:
                             for m, (c, _w) in tables._budgets.items()]
         rec.update(pymalloc())
         rec.update(jemalloc())
+        rec.update(rocksdb())
         objects = gc.get_objects()
-        rec.update(rocksdb(objects))
         counts = Counter(type(o).__qualname__ for o in objects)
         rec["gc_objects"] = sum(counts.values())
         rec["gc_top"] = counts.most_common(60)

@@ -21,6 +21,7 @@ its stores.
 
 from __future__ import annotations
 
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,11 @@ DEFAULT_MEMORY_MIB = 16
 WRITE_BUFFER_SHARE = 4
 
 _budgets: dict[int, tuple[rocksdict.Cache, rocksdict.WriteBufferManager]] = {}
+
+#: The process's stores, by ``id`` (a store is a mapping, so not hashable): how a
+#: diagnostic reaches their databases (``scripts/memprobe``). The worker freezes its
+#: startup objects out of the collector's sight, so ``gc.get_objects`` cannot.
+STORES: weakref.WeakValueDictionary[int, Store] = weakref.WeakValueDictionary()
 
 
 def budget(memory: int) -> tuple[rocksdict.Cache, rocksdict.WriteBufferManager]:
@@ -103,6 +109,7 @@ class Store(faust_rocksdb.Store):
         memory = int(options.pop("memory", DEFAULT_MEMORY_MIB << 20))
         self.rocksdb_options = BudgetedOptions(memory, **options)
         self.use_rocksdict = True
+        STORES[id(self)] = self
 
 
 def register() -> None:
