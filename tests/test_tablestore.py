@@ -3,6 +3,7 @@ databases (rocksdict), read through RocksDB's own memory account."""
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 
 import faust.stores
@@ -106,8 +107,6 @@ async def test_the_worker_tables_stores_can_be_found_and_are_not_kept_alive(
 ) -> None:
     # The worker freezes its startup objects out of the collector's sight, so a
     # diagnostic (scripts/memprobe) finds the stores through tablestore.STORES.
-    import gc
-
     from notice_relay.app import create_app
 
     app = create_app(Settings(data_dir=tmp_path))

@@ -17,6 +17,7 @@ import argparse
 import csv
 import json
 import math
+import statistics
 from pathlib import Path
 
 # Two-sided 97.5 % quantiles of Student's t, by degrees of freedom (1-30).
@@ -26,7 +27,8 @@ _T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
 
 
 def t975(dof: int) -> float:
-    """The 97.5 % quantile of Student's t with ``dof`` degrees of freedom."""
+    """The 97.5 % quantile of Student's t with ``dof`` degrees of freedom (beyond 30,
+    an approximation within 0.01; the standard library has no t distribution)."""
     return _T975[dof - 1] if dof <= len(_T975) else 1.96 + 2.4 / dof
 
 
@@ -69,16 +71,14 @@ def blocks(rows: list[dict[str, float]], column: str, start: float, end: float,
 
 def slope(points: list[tuple[float, float]]) -> tuple[float, float]:
     """Least-squares slope (per minute) and the half-width of its 95 % interval."""
-    n = len(points)
-    mx = sum(x for x, _ in points) / n
-    my = sum(y for _, y in points) / n
-    sxx = sum((x - mx) ** 2 for x, _ in points)
-    b = sum((x - mx) * (y - my) for x, y in points) / sxx
-    if n < 3:
-        return b, math.inf
-    resid = sum((y - my - b * (x - mx)) ** 2 for x, y in points)
-    se = math.sqrt(resid / (n - 2) / sxx)
-    return b, t975(n - 2) * se
+    xs, ys = [x for x, _ in points], [y for _, y in points]
+    fit = statistics.linear_regression(xs, ys)
+    if len(points) < 3:
+        return fit.slope, math.inf
+    resid = sum((y - fit.intercept - fit.slope * x) ** 2 for x, y in points)
+    sxx = statistics.variance(xs) * (len(xs) - 1)
+    se = math.sqrt(resid / (len(points) - 2) / sxx)
+    return fit.slope, t975(len(points) - 2) * se
 
 
 def main() -> None:
