@@ -7,6 +7,7 @@ fixtures; each PostgreSQL test gets its own database)."""
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
@@ -16,7 +17,7 @@ import sqlalchemy as sa
 
 from notice_relay.audit.events import audit_event
 from notice_relay.audit.projection import next_state
-from notice_relay.audit.store import SQLITE_CACHE_KIB, AuditStore, events
+from notice_relay.audit.store import POOL_SIZE, SQLITE_CACHE_KIB, AuditStore, events
 from notice_relay.errors import StoreError
 from notice_relay.models import Actor, ActorKind, AuditEvent, AuditType, DeliveryState
 
@@ -351,3 +352,46 @@ async def test_every_sqlite_connection_gets_the_bounded_page_cache(tmp_path: Pat
         assert await cache_sizes(store) == [-2000] * 3
     finally:
         await store.close()
+
+
+async def test_a_warmed_pool_opens_its_connections_at_start_and_no_more_later(
+        tmp_path: Path) -> None:
+    """``warm_pool`` (the worker's store) opens all POOL_SIZE connections, each a thread
+    of its own on SQLite, when the store opens; a burst of that many concurrent queries
+    afterwards finds them all open and starts no thread. Without it the pool opens them
+    one by one, in the first burst that needs each (finding 7 of docs/reliability.md)."""
+    async def burst(store: AuditStore) -> None:
+        async def one() -> None:
+            async with store.engine.connect() as conn:
+                await conn.execute(sa.text("SELECT count(*) FROM audit_events"))
+                await asyncio.sleep(0.05)  # held at once, so the pool needs them all
+        await asyncio.gather(*(one() for _ in range(POOL_SIZE)))
+
+    before = threading.active_count()
+    store = await AuditStore.open(f"sqlite+aiosqlite:///{tmp_path / 'a.db'}", warm_pool=True)
+    try:
+        assert store.engine.pool.checkedin() == POOL_SIZE
+        opened = threading.active_count()
+        assert opened - before == POOL_SIZE
+        await burst(store)
+        assert threading.active_count() == opened
+        assert store.engine.pool.checkedin() == POOL_SIZE
+    finally:
+        await store.close()
+
+    store = await AuditStore.open(f"sqlite+aiosqlite:///{tmp_path / 'b.db'}")
+    try:
+        assert store.engine.pool.checkedin() == 1
+        lazy = threading.active_count()
+        await burst(store)
+        assert store.engine.pool.checkedin() == POOL_SIZE
+        assert threading.active_count() - lazy == POOL_SIZE - 1
+    finally:
+        await store.close()
+
+
+async def test_warming_the_pool_of_an_unreachable_store_is_a_store_error(
+        unused_tcp_port: int) -> None:
+    url = f"postgresql+asyncpg://nobody:x@127.0.0.1:{unused_tcp_port}/none"
+    with pytest.raises(StoreError, match="cannot open the audit store"):
+        await AuditStore.open(url, create=False, warm_pool=True)

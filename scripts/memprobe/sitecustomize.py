@@ -15,11 +15,20 @@ Every ``PROBE_EVERY`` seconds (default 300) a thread appends one JSON line to
 - the usage of the worker's RocksDB cache (``notice_relay.tablestore``), and, summed
   over its open databases, what RocksDB holds outside it (table readers, memtables)
   and how many files and keys the tables have,
+- the Python threads, by name (the SQLite connections' threads, the executor's),
 - the count of objects the collector tracks, by type (top 60): the worker freezes what
   exists once it is up (``gc.freeze``), so these are the objects made since, which
   is where a leak of Python objects shows.
 
-Nothing here pauses the worker beyond a few milliseconds per sample.
+With ``PROBE_TRACEMALLOC=<frames>`` the probe also starts ``tracemalloc`` as the worker
+starts, adds what it traces (``tm_traced``, every block Python allocates, small objects
+and the large buffers that pymalloc hands to the C allocator alike) to each line, and at
+the first sample past each minute of ``PROBE_SNAPSHOTS`` (e.g. ``30,120``) dumps a
+snapshot to ``$PROBE_DIR/tm-<minute>.pickle``; ``scripts/memprobe/tmdiff.py`` compares
+two of them by call stack. Tracing costs CPU (every allocation records its stack), and a
+snapshot pauses the worker for a second or two.
+
+Nothing here, tracemalloc aside, pauses the worker beyond a few milliseconds per sample.
 
     PYTHONPATH=$PWD/scripts/memprobe PROBE_DIR=$PWD/var/probe python scripts/soak.py --minutes 75
 
@@ -44,6 +53,7 @@ def _start() -> None:
     import ctypes
     import gc
     import json
+    import re
     import sys
     import tempfile
     import threading
@@ -53,6 +63,12 @@ def _start() -> None:
     out = os.environ["PROBE_DIR"]
     os.makedirs(out, exist_ok=True)
     every = float(os.environ.get("PROBE_EVERY", "300"))
+    frames = int(os.environ.get("PROBE_TRACEMALLOC", "0"))
+    snapshots = sorted(float(m) for m in os.environ.get("PROBE_SNAPSHOTS", "").split(",")
+                       if m.strip())
+    if frames:
+        import tracemalloc
+        tracemalloc.start(frames)
     libc = ctypes.CDLL("libc.so.6")
 
     class MallInfo2(ctypes.Structure):
@@ -141,7 +157,11 @@ def _start() -> None:
             "malloc_arena": mi.arena, "malloc_inuse": mi.uordblks,
             "malloc_free": mi.fordblks, "malloc_mmapped": mi.hblkhd,
             "malloc_mmap_n": mi.hblks, "py_blocks": sys.getallocatedblocks(),
-            "threads": threading.active_count()}
+            "threads": threading.active_count(),
+            # by name, numbers dropped: "asyncio_" (the executor), the SQLite
+            # connections' "Thread- (_connection_worker_thread)", ...
+            "thread_names": Counter(re.sub(r"\d+", "", t.name)
+                                    for t in threading.enumerate())}
         with open("/proc/self/status") as fh:
             for line in fh:
                 if line.startswith(("VmRSS", "RssAnon", "RssFile")):
@@ -160,6 +180,12 @@ def _start() -> None:
         counts = Counter(type(o).__qualname__ for o in objects)
         rec["gc_objects"] = sum(counts.values())
         rec["gc_top"] = counts.most_common(60)
+        if frames:
+            rec["tm_traced"], rec["tm_peak"] = tracemalloc.get_traced_memory()
+            if snapshots and minute >= snapshots[0]:
+                while snapshots and minute >= snapshots[0]:
+                    snapshots.pop(0)
+                tracemalloc.take_snapshot().dump(f"{out}/tm-{minute:06.1f}.pickle")
         fp = libc.fopen(f"{out}/malloc-{minute:06.1f}.xml".encode(), b"w")
         if fp:
             libc.malloc_info(0, fp)

@@ -168,7 +168,7 @@ class Runtime:
         """The audit store, opened on first use."""
         async with self._store_lock:
             if self._store is None:
-                self._store = await AuditStore.open(self.settings.database_url)
+                self._store = await AuditStore.open(self.settings.database_url, warm_pool=True)
             return self._store
 
     async def store_when_up(self) -> AuditStore:

@@ -12,6 +12,7 @@ removed last row detectable too.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -272,6 +273,14 @@ def _row_to_event(row: Any) -> StoredEvent:
 #: (docs/reliability.md, finding 7); ``bench/store_cache.py`` measures the write speed.
 SQLITE_CACHE_KIB = 512
 
+#: Connections the pool keeps (SQLAlchemy's default, stated). A worker opens them all at
+#: start (``warm_pool``): opened on demand, each new one (on SQLite a thread of its own,
+#: with its page cache and prepared statements) came in the first burst of work that
+#: needed it, minutes or hours into a run, and its memory stayed, a step up each time
+#: (docs/reliability.md, finding 7). Connections beyond these (up to ``max_overflow``
+#: more, 10) still open in a burst and close when given back.
+POOL_SIZE = 5
+
 
 class AuditStore:
     """The audit store. Create with :meth:`open`, close with :meth:`close`."""
@@ -282,16 +291,20 @@ class AuditStore:
 
     @classmethod
     async def open(cls, url: str, *, create: bool = True,
-                   sqlite_cache_kib: int = SQLITE_CACHE_KIB) -> AuditStore:
+                   sqlite_cache_kib: int = SQLITE_CACHE_KIB,
+                   warm_pool: bool = False) -> AuditStore:
         """Connect to the store at ``url`` and create its tables if missing.
 
         ``sqlite_cache_kib``: the page cache of each SQLite connection (zero: SQLite's
-        own default, about 2 MB); PostgreSQL ignores it."""
+        own default, about 2 MB); PostgreSQL ignores it. ``warm_pool``: open all
+        :data:`POOL_SIZE` connections now rather than on demand, so that a long-running
+        process takes its memory (and its threads, on SQLite) at start instead of in
+        steps over hours."""
         try:
             parsed = make_url(url)
         except sa.exc.ArgumentError as exc:
             raise StoreError(f"not a database URL: {exc}") from exc
-        kwargs: dict[str, Any] = {}
+        kwargs: dict[str, Any] = {"pool_size": POOL_SIZE}
         if parsed.get_backend_name() == "sqlite":
             db = parsed.database
             if db and db != ":memory:":
@@ -327,7 +340,21 @@ class AuditStore:
             except DB_ERRORS as exc:
                 await engine.dispose()
                 raise StoreError(f"cannot open the audit store: {exc}") from exc
+        if warm_pool:
+            try:
+                await store._warm_pool()
+            except DB_ERRORS as exc:
+                await engine.dispose()
+                raise StoreError(f"cannot open the audit store: {exc}") from exc
         return store
+
+    async def _warm_pool(self) -> None:
+        """Open every connection the pool keeps: each is held while the next opens, so
+        the pool cannot hand the same one out twice; all go back to the pool after."""
+        async with contextlib.AsyncExitStack() as stack:
+            for _ in range(POOL_SIZE):
+                conn = await stack.enter_async_context(self.engine.connect())
+                await conn.execute(sa.text("SELECT 1"))
 
     async def close(self) -> None:
         """Release the connections."""
