@@ -57,7 +57,7 @@ def _lifespan(settings: Settings, metrics: Metrics) -> Callable[[FastAPI], Any]:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         publishers, developers = _registry(settings)
         ack_secret = load_ack_secret(settings.data_dir)
-        store = await AuditStore.open(settings.database_url)
+        store = await AuditStore.open(settings.database_url, warm_pool=True)
         producer = RelayProducer(settings)
         try:
             await producer.start_or_keep_trying()

@@ -273,11 +273,11 @@ def _row_to_event(row: Any) -> StoredEvent:
 #: (docs/reliability.md, finding 7); ``bench/store_cache.py`` measures the write speed.
 SQLITE_CACHE_KIB = 512
 
-#: Connections the pool keeps (SQLAlchemy's default, stated). A worker opens them all at
-#: start (``warm_pool``): opened on demand, each new one (on SQLite a thread of its own,
-#: with its page cache and prepared statements) came in the first burst of work that
-#: needed it, minutes or hours into a run, and its memory stayed, a step up each time
-#: (docs/reliability.md, finding 7). Connections beyond these (up to ``max_overflow``
+#: Connections the pool keeps (SQLAlchemy's default, stated). A worker and the API
+#: server open them all at start (``warm_pool``): opened on demand, each new one (on
+#: SQLite a thread of its own, with its page cache and prepared statements) came in the
+#: first burst of work that needed it, minutes or hours into a run, and its memory
+#: stayed, a step up each time (docs/reliability.md, finding 7). Connections beyond these (up to ``max_overflow``
 #: more, 10) still open in a burst and close when given back.
 POOL_SIZE = 5
 
