@@ -277,8 +277,9 @@ SQLITE_CACHE_KIB = 512
 #: server open them all at start (``warm_pool``): opened on demand, each new one (on
 #: SQLite a thread of its own, with its page cache and prepared statements) came in the
 #: first burst of work that needed it, minutes or hours into a run, and its memory
-#: stayed, a step up each time (docs/reliability.md, finding 7). Connections beyond these (up to ``max_overflow``
-#: more, 10) still open in a burst and close when given back.
+#: stayed, a step up each time (docs/reliability.md, finding 7). Connections beyond
+#: these (up to ``max_overflow``, 10, more) still open in a burst and close when given
+#: back.
 POOL_SIZE = 5
 
 
