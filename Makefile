@@ -53,7 +53,7 @@ bench: setup
 	$(BIN)/python bench/run.py
 
 bench-allocators: setup
-	$(BIN)/python bench/run.py --phases baseline,allocators --out bench/results/allocators.json
+	$(BIN)/python bench/run.py --phases baseline,allocators,objects --out bench/results/allocators.json
 
 bench-tables: setup
 	$(BIN)/python bench/tables.py

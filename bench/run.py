@@ -17,7 +17,10 @@ Phases (each figure from a real run; nothing is mocked):
    PostgreSQL, with its EXPLAIN plan;
 5. the webhook channel's HTTP client: httpx, httpx over httpx-aiohttp, aiohttp;
 6. the worker's allocator (``--phases allocators``, ``make bench-allocators``): glibc's
-   against jemalloc (``NOTICE_RELAY_ALLOCATOR``), runs alternating, medians compared.
+   against jemalloc (``NOTICE_RELAY_ALLOCATOR``), runs alternating, medians compared;
+7. what allocates the worker's Python objects (``--phases objects``, also in ``make
+   bench-allocators``): the C allocator (``PYTHONMALLOC=malloc``) against CPython's
+   pymalloc, the default (``NOTICE_RELAY_OBJECT_ALLOCATOR``), the same way.
 
 Throughput windows: the consumer (baseline process or relay worker) is started and
 warmed up first (connections open, partitions assigned), then frozen with SIGSTOP
@@ -341,7 +344,8 @@ class Bench:
     # ------------------------------------------------------------------ relay
 
     def relay_env(self, root: Path, n_devs: int, http_client: str,
-                  allocator: str | None = None) -> tuple[dict[str, str], Settings]:
+                  allocator: str | None = None,
+                  objects: str | None = None) -> tuple[dict[str, str], Settings]:
         """The environment of a relay worker with ``n_devs`` webhook developers."""
         devs = common.developer_ids(n_devs)
         secrets_env = common.write_registry(root, {d: self.secrets[d] for d in devs},
@@ -365,6 +369,8 @@ class Bench:
         })
         if allocator:
             env["NOTICE_RELAY_ALLOCATOR"] = allocator
+        if objects:
+            env["NOTICE_RELAY_OBJECT_ALLOCATOR"] = objects
         settings = Settings(kafka_bootstrap=self.node.bootstrap, topic_prefix=prefix,
                             app_id=app_id, partitions=PARTITIONS, database_url=db)
         return env, settings
@@ -443,12 +449,13 @@ class Bench:
     async def relay(self, label: str, n_decl: int, n_devs: int, *,
                     http_client: str = DEFAULT_CLIENT, rate: float | None = None,
                     duration: float = 0.0, allocator: str | None = None,
+                    objects: str | None = None,
                     profile: str | None = None) -> dict[str, Any]:
         """One relay run: throughput (rate None) or latency at ``rate`` declarations/s."""
         run = uuid.uuid4().hex[:8]
         root = self.work / f"relay-{label}-{run}"
         root.mkdir(parents=True)
-        env, settings = self.relay_env(root, n_devs, http_client, allocator)
+        env, settings = self.relay_env(root, n_devs, http_client, allocator, objects)
         topics = Topics.from_settings(settings)
         await self.prepare_topics(settings)
         devs = common.developer_ids(n_devs)
@@ -497,6 +504,7 @@ class Bench:
                 elapsed = t_end - t0
                 return {"label": label, "developers": n_devs, "declarations": n_decl,
                         "http_client": http_client, "allocator": allocator or "auto",
+                        "objects": objects or "pymalloc",
                         "workers": n_workers, "deliveries": total,
                         "table_store": self.args.table_store,
                         "seconds": round(elapsed, 3),
@@ -724,6 +732,15 @@ def table(res: dict[str, Any]) -> str:
             rows.append((f"allocator jemalloc vs glibc: {name}", j[key], g[key],
                          ratio(j[key], g[key]),
                          f"medians of {al['rounds']} runs each, alternating"))
+    ob = res.get("objects")
+    if ob:
+        m, pm = ob["malloc"], ob["pymalloc"]
+        for key, name in (("deliveries_per_s", "deliveries/s"),
+                          ("cpu_s_per_1000", "CPU s / 1,000 deliveries"),
+                          ("rss_peak_mib", "peak RSS MiB")):
+            rows.append((f"objects malloc vs pymalloc: {name}", m[key], pm[key],
+                         ratio(m[key], pm[key]),
+                         f"medians of {ob['rounds']} runs each, alternating"))
     bl = res.get("backlog")
     if bl:
         rows.append((f"worker RSS MiB, backlog {bl['backlog_tasks']:,} vs idle",
@@ -816,6 +833,20 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                 kind: {key: statistics.median(x[key] for x in got)
                        for key in ("deliveries_per_s", "cpu_s_per_1000", "rss_peak_mib")}
                 for kind, got in alloc_runs.items()}}
+        if "objects" in phases:
+            n_ob = args.client_declarations or (100 if q else 500)
+            rounds = 2 if q else 3
+            ob_runs: dict[str, list[dict[str, Any]]] = {"malloc": [], "pymalloc": []}
+            for r in range(rounds):
+                for kind in (("malloc", "pymalloc") if r % 2 == 0 else ("pymalloc", "malloc")):
+                    log(f"objects {kind}, round {r + 1}: {n_ob:,} declarations x 10 developers")
+                    ob_runs[kind].append(await bench.relay(f"objects-{kind}", n_ob, 10,
+                                                           allocator="glibc", objects=kind))
+                    log(f"  {ob_runs[kind][-1]['deliveries_per_s']} deliveries/s")
+            res["objects"] = {"rounds": rounds, "runs": ob_runs, **{
+                kind: {key: statistics.median(x[key] for x in got)
+                       for key in ("deliveries_per_s", "cpu_s_per_1000", "rss_peak_mib")}
+                for kind, got in ob_runs.items()}}
         if "backlog" in phases:
             size = args.backlog or (20_000 if q else 1_000_000)
             log(f"backlog: worker RSS idle and with {size:,} pending deliveries")

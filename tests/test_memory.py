@@ -276,6 +276,63 @@ def test_a_missing_library_named_by_the_operator_is_an_error() -> None:
         allocator_environ("auto", {"NOTICE_RELAY_JEMALLOC": "/nowhere/lib.so"}, loaded="glibc")
 
 
+def test_pythons_objects_go_through_malloc_when_chosen() -> None:
+    env = allocator_environ("glibc", {"PATH": "/bin"}, loaded="glibc", objects="malloc")
+    assert env == {"PATH": "/bin", "PYTHONMALLOC": "malloc", REEXEC_MARK: "1"}
+    assert allocator_environ("glibc", {"PATH": "/bin"}, loaded="glibc",
+                             objects="pymalloc") is None
+
+
+def test_the_operators_pythonmalloc_is_kept() -> None:
+    env = {"PYTHONMALLOC": "pymalloc_debug"}
+    assert allocator_environ("glibc", env, loaded="glibc", objects="malloc") is None
+
+
+def test_jemalloc_and_malloc_for_objects_in_one_execution(tmp_path: Path) -> None:
+    lib = _library(tmp_path)
+    env = allocator_environ("jemalloc", {"NOTICE_RELAY_JEMALLOC": lib}, loaded="glibc",
+                            objects="malloc")
+    assert env is not None
+    assert env["LD_PRELOAD"] == lib
+    assert env["PYTHONMALLOC"] == "malloc"
+    assert env[REEXEC_MARK] == "1"
+    # executed again, and PYTHONMALLOC taken: no second round
+    assert allocator_environ("glibc", {**env, "PYTHONMALLOC": "malloc"}, loaded="glibc",
+                             objects="malloc") is None
+
+
+_MALLOC_STATS = ("import sys; from notice_relay.memory import python_allocator; "
+                 "print(python_allocator()); sys.stdout.flush(); sys._debugmallocstats()")
+
+
+def test_the_environment_given_turns_pymalloc_off() -> None:
+    base = {k: v for k, v in os.environ.items() if k not in ("PYTHONMALLOC", REEXEC_MARK)}
+    env = allocator_environ("glibc", base, loaded="glibc", objects="malloc")
+    assert env is not None
+    runs = {}
+    for name, environ in (("malloc", env), ("pymalloc", base)):
+        done = subprocess.run([sys.executable, "-c", _MALLOC_STATS], env=environ,
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        runs[name] = done
+    # CPython prints its arenas' statistics only when pymalloc allocates
+    assert runs["malloc"].stdout.split() == ["malloc"]
+    assert "Small block threshold" not in runs["malloc"].stderr
+    assert runs["pymalloc"].stdout.split() == ["pymalloc"]
+    assert "Small block threshold" in runs["pymalloc"].stderr
+
+
+def test_object_allocator_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("NOTICE_RELAY_OBJECT_ALLOCATOR", raising=False)
+    assert Settings.from_env().object_allocator == "pymalloc"
+    monkeypatch.setenv("NOTICE_RELAY_OBJECT_ALLOCATOR", "malloc")
+    assert Settings.from_env().object_allocator == "malloc"
+    monkeypatch.setenv("NOTICE_RELAY_OBJECT_ALLOCATOR", "mimalloc")
+    with pytest.raises(ConfigError, match=r"NOTICE_RELAY_OBJECT_ALLOCATOR must be one of "
+                                          r"malloc, pymalloc, not 'mimalloc'"):
+        Settings.from_env()
+
+
 def test_allocator_setting(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("NOTICE_RELAY_ALLOCATOR", raising=False)
     assert Settings.from_env().allocator == "glibc"
@@ -373,9 +430,11 @@ def test_the_worker_runs_on_jemalloc_when_installed_unless_told_glibc(
     relay_env.write_publishers("artfolio")
     relay_env.add_webhook_developer("acme-ai", "http://127.0.0.1:9/hook", whsec())
     runs = {}
-    for name, choice in (("auto", "auto"), ("glibc", "glibc")):
-        worker = WorkerProcess(relay_env, name, loglevel="info",
-                               NOTICE_RELAY_ALLOCATOR=choice).start()
+    environs = {}
+    # auto, with the default for Python's objects (pymalloc); glibc, with malloc for them
+    for name, choice, objects in (("auto", "auto", ""), ("glibc", "glibc", "malloc")):
+        worker = WorkerProcess(relay_env, name, loglevel="info", NOTICE_RELAY_ALLOCATOR=choice,
+                               NOTICE_RELAY_OBJECT_ALLOCATOR=objects).start()
         try:
             assert worker.proc is not None
             pid = worker.proc.pid
@@ -388,12 +447,19 @@ def test_the_worker_runs_on_jemalloc_when_installed_unless_told_glibc(
             # the same process (executed again in place): its parent still holds it
             maps = Path(f"/proc/{pid}/maps").read_text()
             runs[name] = ("libjemalloc" in maps, worker.output())
+            # the environment the interpreter was executed with
+            environs[name] = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
         finally:
             worker.stop()
     on_jemalloc, out = runs["auto"]
     assert on_jemalloc, out[-3000:]
     assert '"allocator": "jemalloc"' in out
     assert JEMALLOC_CONF in out
+    assert b"PYTHONMALLOC=malloc" not in environs["auto"]
+    assert '"objects": "pymalloc"' in out
     on_jemalloc, out = runs["glibc"]
     assert not on_jemalloc
     assert '"allocator": "glibc"' in out
+    # executed again for PYTHONMALLOC alone, in place
+    assert b"PYTHONMALLOC=malloc" in environs["glibc"], out[-3000:]
+    assert '"objects": "malloc"' in out

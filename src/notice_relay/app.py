@@ -50,7 +50,7 @@ from notice_relay.fanout import delivery_id as make_delivery_id
 from notice_relay.fanout import plan_deliveries
 from notice_relay.health import ChannelHealth, after_outcome
 from notice_relay.lanes import Admission, Lane, LaneSettings
-from notice_relay.memory import NativeHeap
+from notice_relay.memory import NativeHeap, python_allocator
 from notice_relay.models import (
     AckInfo,
     Action,
@@ -716,6 +716,7 @@ def run_worker(settings: Settings, *, loglevel: str = "warning") -> None:
     if limited:
         log.debug("memory.limited", **limited)
     log.info("memory.allocator", allocator=heap.allocator, chosen=settings.allocator,
+             objects=python_allocator(), objects_chosen=settings.object_allocator,
              malloc_conf=os.environ.get("MALLOC_CONF", "") if heap.allocator == "jemalloc"
              else None)
     rt = Runtime.load(settings)

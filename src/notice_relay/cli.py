@@ -316,12 +316,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run_on_chosen_allocator(settings: Settings) -> None:
-    """Execute this command again with jemalloc preloaded when it should be and is not
-    yet (notice_relay.memory). Same process id, arguments and environment but for
-    the preload; only for a command run from the command line (``sys.orig_argv``)."""
+    """Execute this command again on the allocators chosen when it does not run on
+    them yet: jemalloc preloaded, Python's objects through ``malloc``
+    (notice_relay.memory). Same process id, arguments and environment but for the
+    preload and ``PYTHONMALLOC``; only for a command run from the command line
+    (``sys.orig_argv``): the interpreter reads ``PYTHONMALLOC`` once, at its start."""
     from notice_relay.memory import allocator_environ
 
-    env = allocator_environ(settings.allocator)
+    env = allocator_environ(settings.allocator, objects=settings.object_allocator)
     if env is None:
         return
     sys.stdout.flush()

@@ -66,6 +66,7 @@ def _env_float(name: str, default: float) -> float:
 
 TABLE_STORES = ("rocksdb", "memory")
 ALLOCATORS = ("auto", "jemalloc", "glibc")
+OBJECT_ALLOCATORS = ("malloc", "pymalloc")
 
 
 def _env_choice(name: str, default: str, choices: tuple[str, ...]) -> str:
@@ -107,6 +108,13 @@ class Settings:
     #: (jemalloc when installed). glibc's is the default: in a two-hour soak jemalloc
     #: held 5-6 MiB more and rose just as fast (docs/reliability.md, finding 7).
     allocator: str = "glibc"
+    #: What allocates the worker's Python objects (:mod:`notice_relay.memory`):
+    #: ``pymalloc`` (CPython's own, in 1 MiB arenas that it gives back only when
+    #: empty) or ``malloc`` (the C allocator above, ``PYTHONMALLOC=malloc``). pymalloc
+    #: is the default: at 10 declarations/s ``malloc`` cost more CPU and its free
+    #: memory grew faster (docs/reliability.md, finding 7). ``PYTHONMALLOC`` set by
+    #: the operator wins.
+    object_allocator: str = "pymalloc"
     #: How long a worker's stop may take before the process ends regardless
     #: (:mod:`notice_relay.stopping`); zero: no limit.
     stop_timeout: timedelta = timedelta(seconds=30)
@@ -163,6 +171,8 @@ class Settings:
             malloc_trim_interval=_env_duration("NOTICE_RELAY_MALLOC_TRIM_INTERVAL",
                                                d.malloc_trim_interval),
             allocator=_env_choice("NOTICE_RELAY_ALLOCATOR", d.allocator, ALLOCATORS),
+            object_allocator=_env_choice("NOTICE_RELAY_OBJECT_ALLOCATOR", d.object_allocator,
+                                         OBJECT_ALLOCATORS),
             stop_timeout=_env_duration("NOTICE_RELAY_STOP_TIMEOUT", d.stop_timeout),
             deliver_batch=_env_int("NOTICE_RELAY_DELIVER_BATCH", d.deliver_batch),
             deliver_batch_wait=_env_float("NOTICE_RELAY_DELIVER_BATCH_WAIT", d.deliver_batch_wait),

@@ -38,6 +38,19 @@ set ``MALLOC_CONF``. Under jemalloc the trim and the limits above do nothing and
 skipped. glibc's stays the default because a two-hour soak on jemalloc (2026-12-05)
 held 5-6 MiB more and rose just as fast, +1.1 MiB/h (docs/reliability.md, finding 7):
 what still rises is not the allocator's free memory.
+
+What did rise was CPython's own allocator for small objects (*pymalloc*): it maps
+memory in 1 MiB arenas and gives an arena back only once every object in it is freed.
+A worker's objects live for milliseconds (a declaration, its notices) or for hours (the
+registry, the caches, the tables' buffers), and the long-lived ones, scattered, keep
+arenas alive: at 20 declarations/s the count went from 53 to 58 in 45 minutes while
+the bytes in use stayed level. ``NOTICE_RELAY_OBJECT_ALLOCATOR=malloc`` has the
+worker's objects allocated by the C allocator instead (``PYTHONMALLOC=malloc``, which
+the interpreter reads once, at its start: :func:`allocator_environ` sets it for the
+same re-execution), where the heap limits and the trim above reach their free memory.
+It is not the default (``pymalloc``): at 10 declarations/s it cost more CPU and glibc's
+main heap, now holding every object, gathered free memory faster than the arenas had
+(docs/reliability.md, finding 7). ``PYTHONMALLOC`` set by the operator is left as it is.
 """
 
 from __future__ import annotations
@@ -45,6 +58,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -160,37 +174,57 @@ def find_jemalloc(environ: Mapping[str, str] = os.environ) -> Path | None:
     return Path(name) if name else None
 
 
-def allocator_environ(choice: str, environ: Mapping[str, str] = os.environ,
-                      loaded: str | None = None) -> dict[str, str] | None:
-    """The environment in which to execute the worker again so that jemalloc is its
-    allocator, or None to go on in this process as it is.
+def python_allocator(environ: Mapping[str, str] = os.environ) -> str:
+    """The allocator behind this interpreter's Python objects: ``pymalloc`` (CPython's
+    own, the default) or what ``PYTHONMALLOC`` chose (``malloc``, ``debug``...). Read
+    from the environment the interpreter started with, which it ignores under ``-E``
+    or ``-I``."""
+    if sys.flags.ignore_environment:
+        return "pymalloc"
+    return environ.get("PYTHONMALLOC") or "pymalloc"
 
-    None when ``choice`` is ``glibc``, when jemalloc is already loaded, when this
-    process is already the one executed again (:data:`REEXEC_MARK`), or, for
-    ``auto``, when jemalloc is not installed. :class:`ConfigError` when ``choice`` is
-    ``jemalloc`` and it cannot be had. ``choice`` is one of ``config.ALLOCATORS``, as
-    :class:`~notice_relay.config.Settings` checked it."""
-    if choice == "glibc":
-        return None
+
+def allocator_environ(choice: str, environ: Mapping[str, str] = os.environ,
+                      loaded: str | None = None,
+                      objects: str = "pymalloc") -> dict[str, str] | None:
+    """The environment in which to execute the worker again so that it runs on the
+    allocators chosen, or None to go on in this process as it is.
+
+    ``choice`` is the C allocator (one of ``config.ALLOCATORS``): for ``jemalloc`` and
+    ``auto`` the library is preloaded (``LD_PRELOAD``) with :data:`JEMALLOC_CONF`,
+    unless it is loaded already or, for ``auto``, not installed. ``objects`` is the
+    Python objects' (one of ``config.OBJECT_ALLOCATORS``): for ``malloc``,
+    ``PYTHONMALLOC=malloc`` is set unless the operator set ``PYTHONMALLOC``.
+
+    None when there is nothing to change, or when this process is already the one
+    executed again (:data:`REEXEC_MARK`). :class:`ConfigError` when ``choice`` is
+    ``jemalloc`` and it cannot be had. Both choices as
+    :class:`~notice_relay.config.Settings` checked them."""
     loaded = loaded or loaded_allocator()
-    if loaded == "jemalloc":
-        return None
     if REEXEC_MARK in environ:
-        if choice == "jemalloc":
+        if choice == "jemalloc" and loaded != "jemalloc":
             raise ConfigError("NOTICE_RELAY_ALLOCATOR=jemalloc: the library was preloaded "
                               f"({environ.get('LD_PRELOAD', '')}) but is not in use")
         return None
-    library = find_jemalloc(environ)
-    if library is None:
-        if choice == "jemalloc":
-            raise ConfigError("NOTICE_RELAY_ALLOCATOR=jemalloc: libjemalloc.so.2 not found "
-                              "(install libjemalloc2, or set NOTICE_RELAY_JEMALLOC)")
-        return None
     env = dict(environ)
-    preload = env.get("LD_PRELOAD", "").strip()
-    # First, so that its malloc and free are the ones every library links to.
-    env["LD_PRELOAD"] = f"{library} {preload}".strip()
-    env.setdefault("MALLOC_CONF", JEMALLOC_CONF)
+    changed = False
+    if objects == "malloc" and "PYTHONMALLOC" not in environ:
+        env["PYTHONMALLOC"] = "malloc"
+        changed = True
+    if choice != "glibc" and loaded != "jemalloc":
+        library = find_jemalloc(environ)
+        if library is None:
+            if choice == "jemalloc":
+                raise ConfigError("NOTICE_RELAY_ALLOCATOR=jemalloc: libjemalloc.so.2 not "
+                                  "found (install libjemalloc2, or set NOTICE_RELAY_JEMALLOC)")
+        else:
+            preload = env.get("LD_PRELOAD", "").strip()
+            # First, so that its malloc and free are the ones every library links to.
+            env["LD_PRELOAD"] = f"{library} {preload}".strip()
+            env.setdefault("MALLOC_CONF", JEMALLOC_CONF)
+            changed = True
+    if not changed:
+        return None
     env[REEXEC_MARK] = "1"
     return env
 
