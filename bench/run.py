@@ -723,24 +723,18 @@ def table(res: dict[str, Any]) -> str:
                      c["deliveries_per_s"], b["deliveries_per_s"],
                      ratio(c["deliveries_per_s"], b["deliveries_per_s"]),
                      f"CPU s/1000: {c['cpu_s_per_1000']}"))
-    al = res.get("allocators")
-    if al:
-        g, j = al["glibc"], al["jemalloc"]
+    for phase, title, tried, against in (("allocators", "allocator", "jemalloc", "glibc"),
+                                         ("objects", "objects", "malloc", "pymalloc")):
+        cmp = res.get(phase)
+        if not cmp:
+            continue
+        t, a = cmp[tried], cmp[against]
         for key, name in (("deliveries_per_s", "deliveries/s"),
                           ("cpu_s_per_1000", "CPU s / 1,000 deliveries"),
                           ("rss_peak_mib", "peak RSS MiB")):
-            rows.append((f"allocator jemalloc vs glibc: {name}", j[key], g[key],
-                         ratio(j[key], g[key]),
-                         f"medians of {al['rounds']} runs each, alternating"))
-    ob = res.get("objects")
-    if ob:
-        m, pm = ob["malloc"], ob["pymalloc"]
-        for key, name in (("deliveries_per_s", "deliveries/s"),
-                          ("cpu_s_per_1000", "CPU s / 1,000 deliveries"),
-                          ("rss_peak_mib", "peak RSS MiB")):
-            rows.append((f"objects malloc vs pymalloc: {name}", m[key], pm[key],
-                         ratio(m[key], pm[key]),
-                         f"medians of {ob['rounds']} runs each, alternating"))
+            rows.append((f"{title} {tried} vs {against}: {name}", t[key], a[key],
+                         ratio(t[key], a[key]),
+                         f"medians of {cmp['rounds']} runs each, alternating"))
     bl = res.get("backlog")
     if bl:
         rows.append((f"worker RSS MiB, backlog {bl['backlog_tasks']:,} vs idle",
@@ -758,6 +752,24 @@ def table(res: dict[str, Any]) -> str:
         lines.append("  ".join(str(v if v is not None else "-").ljust(wi)
                                for v, wi in zip(x, w, strict=True)))
     return "\n".join(lines)
+
+
+async def alternate(bench: Bench, title: str, label: str, n_decl: int, rounds: int,
+                    kinds: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Relay runs of ``n_decl`` declarations x 10 developers for each of two ``kinds``
+    (the keyword arguments of :meth:`Bench.relay` for each), alternating their order by
+    round; every run, and the medians per kind."""
+    runs: dict[str, list[dict[str, Any]]] = {kind: [] for kind in kinds}
+    order = list(kinds)
+    for r in range(rounds):
+        for kind in order if r % 2 == 0 else order[::-1]:
+            log(f"{title} {kind}, round {r + 1}: {n_decl:,} declarations x 10 developers")
+            runs[kind].append(await bench.relay(f"{label}-{kind}", n_decl, 10, **kinds[kind]))
+            log(f"  {runs[kind][-1]['deliveries_per_s']} deliveries/s")
+    return {"rounds": rounds, "runs": runs, **{
+        kind: {key: statistics.median(x[key] for x in got)
+               for key in ("deliveries_per_s", "cpu_s_per_1000", "rss_peak_mib")}
+        for kind, got in runs.items()}}
 
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
@@ -819,34 +831,16 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                 res["clients"].append(await bench.relay(f"client-{kind}", n_cli, 10,
                                                         http_client=kind))
                 log(f"  {res['clients'][-1]['deliveries_per_s']} deliveries/s")
+        n_alt = args.client_declarations or (100 if q else 500)
+        rounds = 2 if q else 3
         if "allocators" in phases:
-            n_al = args.client_declarations or (100 if q else 500)
-            rounds = 2 if q else 3
-            alloc_runs: dict[str, list[dict[str, Any]]] = {"glibc": [], "jemalloc": []}
-            for r in range(rounds):
-                for kind in (("glibc", "jemalloc") if r % 2 == 0 else ("jemalloc", "glibc")):
-                    log(f"allocator {kind}, round {r + 1}: {n_al:,} declarations x 10 developers")
-                    alloc_runs[kind].append(await bench.relay(f"alloc-{kind}", n_al, 10,
-                                                              allocator=kind))
-                    log(f"  {alloc_runs[kind][-1]['deliveries_per_s']} deliveries/s")
-            res["allocators"] = {"rounds": rounds, "runs": alloc_runs, **{
-                kind: {key: statistics.median(x[key] for x in got)
-                       for key in ("deliveries_per_s", "cpu_s_per_1000", "rss_peak_mib")}
-                for kind, got in alloc_runs.items()}}
+            res["allocators"] = await alternate(
+                bench, "allocator", "alloc", n_alt, rounds,
+                {kind: {"allocator": kind} for kind in ("glibc", "jemalloc")})
         if "objects" in phases:
-            n_ob = args.client_declarations or (100 if q else 500)
-            rounds = 2 if q else 3
-            ob_runs: dict[str, list[dict[str, Any]]] = {"malloc": [], "pymalloc": []}
-            for r in range(rounds):
-                for kind in (("malloc", "pymalloc") if r % 2 == 0 else ("pymalloc", "malloc")):
-                    log(f"objects {kind}, round {r + 1}: {n_ob:,} declarations x 10 developers")
-                    ob_runs[kind].append(await bench.relay(f"objects-{kind}", n_ob, 10,
-                                                           allocator="glibc", objects=kind))
-                    log(f"  {ob_runs[kind][-1]['deliveries_per_s']} deliveries/s")
-            res["objects"] = {"rounds": rounds, "runs": ob_runs, **{
-                kind: {key: statistics.median(x[key] for x in got)
-                       for key in ("deliveries_per_s", "cpu_s_per_1000", "rss_peak_mib")}
-                for kind, got in ob_runs.items()}}
+            res["objects"] = await alternate(
+                bench, "objects", "objects", n_alt, rounds,
+                {kind: {"allocator": "glibc", "objects": kind} for kind in ("malloc", "pymalloc")})
         if "backlog" in phases:
             size = args.backlog or (20_000 if q else 1_000_000)
             log(f"backlog: worker RSS idle and with {size:,} pending deliveries")

@@ -296,7 +296,7 @@ def test_jemalloc_and_malloc_for_objects_in_one_execution(tmp_path: Path) -> Non
     assert env["LD_PRELOAD"] == lib
     assert env["PYTHONMALLOC"] == "malloc"
     assert env[REEXEC_MARK] == "1"
-    # executed again, and PYTHONMALLOC taken: no second round
+    # the process executed again (the mark) is not executed a second time
     assert allocator_environ("glibc", {**env, "PYTHONMALLOC": "malloc"}, loaded="glibc",
                              objects="malloc") is None
 
@@ -322,25 +322,21 @@ def test_the_environment_given_turns_pymalloc_off() -> None:
     assert "Small block threshold" in runs["pymalloc"].stderr
 
 
-def test_object_allocator_setting(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("NOTICE_RELAY_OBJECT_ALLOCATOR", raising=False)
-    assert Settings.from_env().object_allocator == "pymalloc"
-    monkeypatch.setenv("NOTICE_RELAY_OBJECT_ALLOCATOR", "malloc")
-    assert Settings.from_env().object_allocator == "malloc"
-    monkeypatch.setenv("NOTICE_RELAY_OBJECT_ALLOCATOR", "mimalloc")
-    with pytest.raises(ConfigError, match=r"NOTICE_RELAY_OBJECT_ALLOCATOR must be one of "
-                                          r"malloc, pymalloc, not 'mimalloc'"):
-        Settings.from_env()
-
-
-def test_allocator_setting(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("NOTICE_RELAY_ALLOCATOR", raising=False)
-    assert Settings.from_env().allocator == "glibc"
-    monkeypatch.setenv("NOTICE_RELAY_ALLOCATOR", "auto")
-    assert Settings.from_env().allocator == "auto"
-    monkeypatch.setenv("NOTICE_RELAY_ALLOCATOR", "tcmalloc")
-    with pytest.raises(ConfigError, match=r"NOTICE_RELAY_ALLOCATOR must be one of auto, "
-                                          r"jemalloc, glibc, not 'tcmalloc'"):
+@pytest.mark.parametrize(("variable", "field", "default", "other", "wrong", "choices"), [
+    ("NOTICE_RELAY_ALLOCATOR", "allocator", "glibc", "auto", "tcmalloc",
+     "auto, jemalloc, glibc"),
+    ("NOTICE_RELAY_OBJECT_ALLOCATOR", "object_allocator", "pymalloc", "malloc", "mimalloc",
+     "malloc, pymalloc"),
+])
+def test_allocator_settings(monkeypatch: pytest.MonkeyPatch, variable: str, field: str,
+                            default: str, other: str, wrong: str, choices: str) -> None:
+    monkeypatch.delenv(variable, raising=False)
+    assert getattr(Settings.from_env(), field) == default
+    monkeypatch.setenv(variable, other)
+    assert getattr(Settings.from_env(), field) == other
+    monkeypatch.setenv(variable, wrong)
+    with pytest.raises(ConfigError, match=rf"{variable} must be one of {choices}, "
+                                          rf"not '{wrong}'"):
         Settings.from_env()
 
 

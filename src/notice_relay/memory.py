@@ -200,9 +200,11 @@ def allocator_environ(choice: str, environ: Mapping[str, str] = os.environ,
     executed again (:data:`REEXEC_MARK`). :class:`ConfigError` when ``choice`` is
     ``jemalloc`` and it cannot be had. Both choices as
     :class:`~notice_relay.config.Settings` checked them."""
-    loaded = loaded or loaded_allocator()
+    def on_jemalloc() -> bool:  # looked up only when jemalloc is in question
+        return (loaded or loaded_allocator()) == "jemalloc"
+
     if REEXEC_MARK in environ:
-        if choice == "jemalloc" and loaded != "jemalloc":
+        if choice == "jemalloc" and not on_jemalloc():
             raise ConfigError("NOTICE_RELAY_ALLOCATOR=jemalloc: the library was preloaded "
                               f"({environ.get('LD_PRELOAD', '')}) but is not in use")
         return None
@@ -211,7 +213,7 @@ def allocator_environ(choice: str, environ: Mapping[str, str] = os.environ,
     if objects == "malloc" and "PYTHONMALLOC" not in environ:
         env["PYTHONMALLOC"] = "malloc"
         changed = True
-    if choice != "glibc" and loaded != "jemalloc":
+    if choice != "glibc" and not on_jemalloc():
         library = find_jemalloc(environ)
         if library is None:
             if choice == "jemalloc":
