@@ -13,8 +13,9 @@ Everything is real (see ``scripts/faultlib.py``): a KRaft broker, a ``notice-rel
 worker`` process with its production defaults, three webhook receivers and an SMTP
 server (STARTTLS + AUTH), a SQLite audit store.
 
-Writes ``var/soak/soak-<time>.csv`` (and ``var/soak/latest.csv``, ``latest.json``) and
-the plot ``docs/img/soak.png``.
+Writes ``var/soak/soak-<time>.csv`` as it goes (a row per sample, flushed, so a run
+that is interrupted keeps what it measured) and, at the end, ``var/soak/latest.csv``,
+``latest.json`` and the plot ``docs/img/soak.png``.
 
     python scripts/soak.py                     # 15 minutes at 3 declarations/s
     python scripts/soak.py --minutes 5 --rate 2
@@ -27,6 +28,7 @@ import asyncio
 import csv
 import json
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -39,6 +41,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import faultlib
 
 STAGES = ("declarations", "notices", "deliveries", "acks", "audit", "retries")
+CSV_FIELDS = ["t_s", "rss_mb", "rss_anon_mb", "rss_file_mb", "fds", "lag_total",
+              *(f"lag_{s}" for s in STAGES), "published", "delivered", "cpu_percent"]
 
 
 @dataclass
@@ -187,10 +191,15 @@ async def main_async(args: argparse.Namespace) -> int:
     started = datetime.now(UTC)
     out_dir = faultlib.ROOT / "var" / "soak"
     work = out_dir / f"run-{started:%Y%m%dT%H%M%SZ}"
+    csv_path = out_dir / f"soak-{started:%Y%m%dT%H%M%SZ}.csv"
+    out_dir.mkdir(parents=True, exist_ok=True)
     harness = faultlib.Harness(work)
     samples: list[Sample] = []
     duration = args.minutes * 60
     warmup = min(120.0, duration / 5)
+    csv_file = csv_path.open("w", newline="")
+    rows = csv.DictWriter(csv_file, fieldnames=CSV_FIELDS)
+    rows.writeheader()
     try:
         await harness.start_kafka()
         relay = faultlib.Relay(work / "relay", harness.bootstrap)
@@ -228,6 +237,8 @@ async def main_async(args: argparse.Namespace) -> int:
                         published=len(load.published), delivered=developers.delivered_so_far(),
                         cpu_percent=proc.cpu_percent(None))
                     samples.append(s)
+                    rows.writerow(s.row())
+                    csv_file.flush()
                     if elapsed >= next_log:
                         faultlib.log(f"  {elapsed / 60:5.1f} min  rss {s.rss_mb:6.1f} MiB "
                                      f"(anon {s.rss_anon_mb:6.1f})  "
@@ -260,6 +271,7 @@ async def main_async(args: argparse.Namespace) -> int:
             await asyncio.to_thread(worker.stop)
             await developers.stop()
     finally:
+        csv_file.close()
         await harness.close()
 
     steady = [s for s in samples if s.t >= warmup]
@@ -315,14 +327,7 @@ async def main_async(args: argparse.Namespace) -> int:
         if tally.latencies else None,
         "latency_max_s": round(max(tally.latencies), 2) if tally.latencies else None,
     }
-    out_dir.mkdir(parents=True, exist_ok=True)
-    csv_path = out_dir / f"soak-{started:%Y%m%dT%H%M%SZ}.csv"
-    for path in (csv_path, out_dir / "latest.csv"):
-        with path.open("w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=list(samples[0].row()) if samples else ["t_s"])
-            w.writeheader()
-            for s in samples:
-                w.writerow(s.row())
+    shutil.copyfile(csv_path, out_dir / "latest.csv")
     text = json.dumps(summary, indent=2)
     (out_dir / "latest.json").write_text(text + "\n")
     (work / "summary.json").write_text(text + "\n")
