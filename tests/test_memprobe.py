@@ -127,7 +127,6 @@ sys.stdin.read()
 """
 
 
-@pytest.mark.skipif(not Path("/proc/self/mem").exists(), reason="needs Linux's /proc")
 def test_a_large_dict_s_key_table_is_found_and_read_from_outside() -> None:
     """A child process's dict of 60,000 keys, a third deleted, has a key table mapped on
     its own (2^17 slots, 1.9 MiB, over the 512 KiB threshold a worker sets): it is found
